@@ -1,0 +1,157 @@
+"""``convert``: turn any traceable model into a chain of blocks with auxiliary heads."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from . import _engine
+from ._cuts import choose_cuts, split
+from ._errors import FwdTransError
+from ._method import Method
+from ._trace import trace
+from .heads import HeadSpec, build_head
+
+__all__ = ["Converted", "convert"]
+
+
+class Converted(nn.Module):
+    """A model cut into blocks, each but the last with an auxiliary head.
+
+    ``converted(x)`` computes what the original ``model(x)`` computed. Parameters live in
+    ``blocks.{j}.<original name>`` and ``heads.{j}.*``; :meth:`original_name` and
+    :meth:`original_state_dict` map them back to the original model's names.
+
+    Example:
+        >>> import torch, fwdtrans
+        >>> model = fwdtrans.models.resnet18(width=8)
+        >>> converted = fwdtrans.convert(model, (torch.randn(2, 3, 32, 32),), blocks=4, heads="linear")
+        >>> step = converted.train_step(torch.optim.SGD(converted.parameters(), lr=0.05))
+        >>> metrics = step(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+        >>> sorted(metrics)[:2]
+        ['accuracy', 'loss']
+    """
+
+    def __init__(self, blocks: list[nn.Module], heads: list[nn.Module], cut_names: list[str],
+                 method: Method, num_classes: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.heads = nn.ModuleList(heads)
+        self.cut_names = tuple(cut_names)
+        self.method = method
+        self.num_classes = num_classes
+        self.exact_chunk = 16  # per-sample tangent streams pushed at once when per_sample="exact"
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        h = self.blocks[0](*inputs)
+        for block in self.blocks[1:]:
+            h = block(h)
+        return h
+
+    def original_name(self, name: str) -> str:
+        """``'blocks.1.layer1.0.conv1.weight'`` -> ``'layer1.0.conv1.weight'``; head names are kept."""
+        parts = name.split(".", 2)
+        return parts[2] if parts[0] == "blocks" else name
+
+    def original_state_dict(self) -> dict[str, Tensor]:
+        """The blocks' state under the original model's names (heads left out)."""
+        return {self.original_name(k): v for k, v in self.state_dict().items() if k.startswith("blocks.")}
+
+    def load_original_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Load a checkpoint of the original model into the blocks."""
+        own = {self.original_name(k): k for k in self.state_dict() if k.startswith("blocks.")}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise FwdTransError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+        self.load_state_dict({own[k]: v for k, v in state.items()}, strict=False)
+
+    def compute_gradients(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Write the method's gradient into ``p.grad`` of every trained parameter; return metrics.
+
+        Metrics are detached 0-d tensors: ``loss`` (global loss), ``accuracy``, and
+        ``loss/head{j}`` for the heads that were run.
+        """
+        if y.dtype != torch.long or y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise FwdTransError(f"labels must be an int64 vector of length {x.shape[0]}, got {y.dtype} {tuple(y.shape)}.")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise FwdTransError(
+                f"labels must lie in [0, {self.num_classes}) (the model outputs {self.num_classes} classes), "
+                f"got values in [{int(y.min())}, {int(y.max())}]. Fix: remap the labels or change the model's output size."
+            )
+        return _engine.compute_gradients(self, x, y)
+
+    def train_step(self, optimizer: torch.optim.Optimizer) -> Callable[[Tensor, Tensor], dict[str, Tensor]]:
+        """A function ``step(x, y) -> metrics`` that computes the gradients and applies ``optimizer``."""
+
+        def step(x: Tensor, y: Tensor) -> dict[str, Tensor]:
+            metrics = self.compute_gradients(x, y)
+            if not torch.isfinite(metrics["loss"]):
+                raise FwdTransError(
+                    f"the loss is {float(metrics['loss'])}: the step was not applied, the parameters are those "
+                    "of the previous step. Fix: lower the learning rate, or check the inputs for NaN/inf."
+                )
+            optimizer.step()
+            return metrics
+
+        return step
+
+
+def convert(
+    model: nn.Module,
+    example_inputs: tuple[Tensor, ...] | Tensor,
+    *,
+    blocks: int | list[str] = 8,
+    heads: HeadSpec = "cnn",
+    target: str = "global",
+    guess: str = "local",
+    space: str = "activity",
+    per_sample: str = "by-loss",
+    leaf_modules: Iterable[type] = (),
+    autowrap_functions: Iterable[Callable] = (),
+) -> Converted:
+    """Cut ``model`` into blocks with auxiliary heads, ready to train with forward gradients.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.fx`` can trace and that returns logits ``(N, classes)``.
+            It is never modified: ``convert`` works on a deep copy.
+        example_inputs: a tensor or tuple of tensors that ``model`` accepts (batch first).
+        blocks: a block count (cuts placed where one tensor crosses, balancing forward FLOPs) or a
+            list of names to cut after (see :func:`fwdtrans.inspect`).
+        heads: ``"cnn"``, ``"mlp"``, ``"linear"``, a :mod:`fwdtrans.heads` spec, or a callable
+            ``shape -> nn.Module`` given each cut's per-sample output shape.
+        target, guess, space, per_sample: the method; see :class:`fwdtrans.Method`.
+        leaf_modules: module classes to keep whole when tracing (escape hatch for untraceable code).
+        autowrap_functions: free functions to record as single calls when tracing.
+
+    Returns:
+        A new :class:`Converted` module.
+
+    Example:
+        >>> import torch, fwdtrans
+        >>> model = fwdtrans.models.resnet18(width=8)
+        >>> converted = fwdtrans.convert(model, torch.randn(2, 3, 32, 32), blocks=8, heads="linear")
+        >>> converted.cut_names
+        ('layer1.0', 'layer1.1', 'layer2.0', 'layer2.1', 'layer3.0', 'layer3.1', 'layer4.0')
+    """
+    method = Method(target, guess, space, per_sample)
+    if isinstance(example_inputs, Tensor):
+        example_inputs = (example_inputs,)
+    traced = trace(model, tuple(example_inputs), leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+    if len(traced.output_shape) != 2:
+        raise FwdTransError(
+            f"{type(model).__name__} returns shape {traced.output_shape}; fwdtrans needs logits (N, classes). "
+            "Fix: wrap the model so that it returns class scores."
+        )
+    num_classes = traced.output_shape[1]
+    cuts = choose_cuts(traced, blocks)
+    modules = split(traced, cuts)
+    head_modules = [build_head(heads, cut.shape[1:], num_classes) for cut in cuts]
+    converted = Converted(modules, head_modules, [c.name for c in cuts], method, num_classes)
+    ref = next(iter(model.parameters()), None)
+    if ref is not None:
+        converted.heads.to(device=ref.device, dtype=ref.dtype)
+    converted.train(model.training)
+    return converted

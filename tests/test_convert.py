@@ -1,0 +1,108 @@
+"""convert(): equivalence with the original model, no mutation, names, cut choice, heads."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from models import generated_models, heads_for
+
+import fwdtrans
+
+
+def _convert(model, x, data, **kw):
+    points = fwdtrans.inspect(model, x).points
+    blocks = data.draw(st.integers(1, len(points) + 1), label="blocks")
+    heads = data.draw(st.sampled_from(heads_for(model)), label="heads")
+    return fwdtrans.convert(model, x, blocks=blocks, heads=heads, **kw), blocks
+
+
+@given(generated_models(), st.data())
+def test_converted_computes_what_the_model_computes(sample, data):
+    model, x, _ = sample
+    converted, blocks = _convert(model, x, data)
+    assert len(converted.blocks) == blocks and len(converted.heads) == blocks - 1
+    for mode in (True, False):
+        model.train(mode)
+        converted.train(mode)
+        expected = model(x)
+        assert torch.equal(converted(x), expected)
+    # train mode updated both models' BatchNorm statistics identically
+    for name, buffer in converted.original_state_dict().items():
+        assert torch.equal(buffer, model.state_dict()[name]), name
+
+
+@given(generated_models(), st.data())
+def test_the_input_model_is_never_modified(sample, data):
+    model, x, y = sample
+    before = copy.deepcopy(model.state_dict())
+    training = model.training
+    converted, _ = _convert(model, x, data)
+    torch.optim.SGD(converted.parameters(), lr=0.1)
+    converted.train_step(torch.optim.SGD(converted.parameters(), lr=0.1))(x, y)
+    assert model.training == training
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(p is q for p in model.parameters() for q in converted.parameters())
+
+
+@given(generated_models(), st.data())
+def test_state_dict_round_trips_through_original_names(sample, data):
+    model, x, _ = sample
+    converted, _ = _convert(model, x, data)
+    assert set(converted.original_state_dict()) == set(model.state_dict())
+    fresh = copy.deepcopy(model)
+    for p in fresh.parameters():
+        torch.nn.init.normal_(p.detach())
+    converted.load_original_state_dict(fresh.state_dict())
+    for name, value in converted.original_state_dict().items():
+        assert torch.equal(value, fresh.state_dict()[name])
+
+
+def test_resnet18_natural_cuts():
+    model = fwdtrans.models.resnet18(width=4)
+    x = torch.randn(2, 3, 32, 32)
+    converted = fwdtrans.convert(model, x, blocks=8, heads="linear")
+    assert converted.cut_names == ("layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0")
+    named = fwdtrans.convert(model, x, blocks=["layer2.1"], heads="linear")
+    assert named.cut_names == ("layer2.1",)
+    assert fwdtrans.convert(model, x, blocks=["layer2"], heads="linear").cut_names == ("layer2.1",)  # an alias
+
+
+def test_inspect_reports_shapes_params_and_flops():
+    model = fwdtrans.models.resnet18(width=4)
+    report = fwdtrans.inspect(model, torch.randn(1, 3, 32, 32))
+    rows = {p.name: p for p in report.points}
+    assert rows["layer1.0"].shape == (1, 4, 32, 32) and rows["layer4.0"].shape == (1, 32, 4, 4)
+    assert report.total_params == sum(p.numel() for p in model.parameters())
+    # stem conv: 3x3x3 -> 4 channels at 32x32, 2 FLOPs per multiply-add
+    assert rows["stem.0"].flops == 2 * 3 * 9 * 4 * 32 * 32
+    assert sum(p.flops for p in report.points) <= report.total_flops
+    text = str(report)
+    assert "layer3.1" in text and "cum. FLOPs" in text
+    # no cut inside a residual block: there the block input and the branch are both live
+    assert not any(".conv" in n or ".bn" in n for n in report.names)
+
+
+@pytest.mark.parametrize("spec", ["cnn", "mlp", "linear", fwdtrans.heads.CNNHead(width=4)])
+def test_heads_are_built_for_each_cut_shape(spec):
+    model = fwdtrans.models.resnet18(width=4)
+    converted = fwdtrans.convert(model, torch.randn(2, 3, 32, 32), blocks=4, heads=spec)
+    x = torch.randn(3, 3, 32, 32)
+    h = x
+    for block, head in zip(converted.blocks, converted.heads):
+        h = block(h)
+        assert head(h).shape == (3, 10)
+
+
+def test_user_head_callable_gets_the_per_sample_shape():
+    seen = []
+
+    def head(shape):
+        seen.append(shape)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(10))
+
+    fwdtrans.convert(fwdtrans.models.resnet18(width=4), torch.randn(2, 3, 32, 32), blocks=["layer1.0"], heads=head)
+    assert seen == [(4, 32, 32)]

@@ -1,0 +1,102 @@
+"""Every method against plain autograd, in float64."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from models import generated_models, grads, heads_for, mixes_samples, reference_gradients
+
+import fwdtrans
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def _converted(sample, data, **method):
+    model, x, y = sample
+    points = fwdtrans.inspect(model, x).points
+    blocks = data.draw(st.integers(2, len(points) + 1), label="blocks") if points else 1
+    heads = data.draw(st.sampled_from(heads_for(model)), label="heads")
+    return fwdtrans.convert(model, x, blocks=blocks, heads=heads, **method)
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("per_sample", ["by-loss", "exact"])
+@given(sample=generated_models(), data=st.data())
+def test_forward_gradient_matches_its_autograd_reference(per_sample, sample, data):
+    converted = _converted(sample, data, target="global", guess="local", space="activity", per_sample=per_sample)
+    _, x, y = sample
+    reference = reference_gradients(copy.deepcopy(converted), x, y, per_sample)
+    converted.compute_gradients(x, y)
+    for name, p in converted.named_parameters():
+        assert p.grad is not None and p.grad.shape == p.shape, name
+        assert _rel(p.grad, reference[name]) < 1e-8 or (reference[name].norm() < 1e-12 and p.grad.norm() < 1e-12), name
+
+
+@pytest.mark.usefixtures("float64")
+@given(sample=generated_models(norms=("bn",)), data=st.data())
+def test_by_loss_and_exact_differ_only_when_samples_mix(sample, data):
+    model, x, y = sample
+    fast = _converted(sample, data, per_sample="by-loss")
+    exact = copy.deepcopy(fast)
+    exact.method = fwdtrans.Method(per_sample="exact")
+    for mode in (True, False):
+        fast.train(mode)
+        exact.train(mode)
+        a, b = copy.deepcopy(fast), copy.deepcopy(exact)
+        a.compute_gradients(x, y)
+        b.compute_gradients(x, y)
+        diffs = [_rel(p.grad, q.grad) for p, q in zip(a.blocks[:-1].parameters(), b.blocks[:-1].parameters())]
+        if not mixes_samples(a.blocks[1:]):  # eval mode, or no BatchNorm after the first cut
+            assert max(diffs, default=0) < 1e-10
+        elif len(y) > 1 and any(p.requires_grad for p in a.blocks[0].parameters()):
+            assert diffs[0] > 1e-9  # train-mode BatchNorm downstream couples the samples
+
+
+@pytest.mark.usefixtures("float64")
+@given(sample=generated_models(), data=st.data())
+def test_global_guess_is_backprop_exactly(sample, data):
+    model, x, y = sample
+    converted = _converted(sample, data, target="global", guess="global")
+    reference = copy.deepcopy(model)
+    F.cross_entropy(reference(x), y).backward()
+    converted.compute_gradients(x, y)
+    expected = dict(reference.named_parameters())
+    for name, p in converted.blocks.named_parameters():
+        assert torch.equal(p.grad, expected[name.split(".", 1)[1]].grad), name
+    assert all(p.grad is None for p in converted.heads.parameters())  # heads play no part in backprop
+
+
+@pytest.mark.usefixtures("float64")
+@given(sample=generated_models(), data=st.data())
+def test_local_target_local_guess_is_greedy_local_learning(sample, data):
+    _, x, y = sample
+    converted = _converted(sample, data, target="local", guess="local")
+    ref = copy.deepcopy(converted)
+    h = x
+    for j, block in enumerate(ref.blocks):
+        out = block(h)
+        loss = F.cross_entropy(ref.heads[j](out) if j < len(ref.heads) else out, y)
+        loss.backward()
+        h = out.detach()
+    converted.compute_gradients(x, y)
+    expected = grads(ref)
+    for name, p in converted.named_parameters():
+        assert _rel(p.grad, expected[name]) < 1e-12, name
+
+
+def test_batchnorm_statistics_update_once_per_step():
+    torch.manual_seed(0)
+    model = fwdtrans.models.resnet18(width=4)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for method in ({"guess": "local"}, {"guess": "global"}, {"target": "local"}):
+        converted = fwdtrans.convert(model, x, blocks=4, heads="linear", **method)
+        eager = copy.deepcopy(model)
+        eager(x)
+        converted.compute_gradients(x, y)
+        for name, value in converted.original_state_dict().items():
+            torch.testing.assert_close(value, eager.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
