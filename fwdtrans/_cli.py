@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
             for e in summary["epochs"]:
                 print(f"   epoch {e['epoch']}: train loss {e['train_loss']:.4f}  test accuracy {e['test_accuracy']:.2%}",
                       file=sys.stderr)
-            rows.append({"method": label, **summary})
+            rows.append({**summary, "label": label})
         print(f"\n{'method':<58} {'test acc.':>9} {'ms/step':>8}")
         for r in rows:
-            print(f"{r['method']:<58} {r['test_accuracy']:>9.2%} {r['seconds_per_step'] * 1000:>8.0f}")
+            print(f"{r['label']:<58} {r['test_accuracy']:>9.2%} {r['seconds_per_step'] * 1000:>8.0f}")
         if args.out:
             write_json(args.out, {"runs": rows})
         return 0

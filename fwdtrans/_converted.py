@@ -35,14 +35,22 @@ class Converted(nn.Module):
     """
 
     def __init__(self, blocks: list[nn.Module], heads: list[nn.Module], cut_names: list[str],
-                 method: Method, num_classes: int):
+                 method: Method, num_classes: int, seed: int = 0):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.heads = nn.ModuleList(heads)
         self.cut_names = tuple(cut_names)
         self.method = method
         self.num_classes = num_classes
-        self.exact_chunk = 16  # per-sample tangent streams pushed at once when per_sample="exact"
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)  # random guesses and NTK re-initialisation
+
+    def _apply(self, fn, recurse=True):  # keep the generator on the parameters' device
+        result = super()._apply(fn, recurse)
+        device = next((p.device for p in self.parameters()), torch.device("cpu"))
+        if self.generator.device != device:
+            self.generator = torch.Generator(device).manual_seed(self.seed)
+        return result
 
     def forward(self, *inputs: Tensor) -> Tensor:
         h = self.blocks[0](*inputs)
@@ -106,9 +114,14 @@ def convert(
     blocks: int | list[str] = 8,
     heads: HeadSpec = "cnn",
     target: str = "global",
-    guess: str = "local",
+    guess: str | Callable = "local",
     space: str = "activity",
+    granularity: str = "tensor",
+    tangents: int = 1,
+    aggregation: str = "mean",
     per_sample: str = "by-loss",
+    engine: str = "forward",
+    seed: int = 0,
     leaf_modules: Iterable[type] = (),
     autowrap_functions: Iterable[Callable] = (),
 ) -> Converted:
@@ -122,7 +135,9 @@ def convert(
             list of names to cut after (see :func:`fwdtrans.inspect`).
         heads: ``"cnn"``, ``"mlp"``, ``"linear"``, a :mod:`fwdtrans.heads` spec, or a callable
             ``shape -> nn.Module`` given each cut's per-sample output shape.
-        target, guess, space, per_sample: the method; see :class:`fwdtrans.Method`.
+        target, guess, space, granularity, tangents, aggregation, per_sample, engine: the method;
+            see :class:`fwdtrans.Method` and the docs' Methods page.
+        seed: seeds the step's random guesses and NTK re-initialisations.
         leaf_modules: module classes to keep whole when tracing (escape hatch for untraceable code).
         autowrap_functions: free functions to record as single calls when tracing.
 
@@ -136,7 +151,7 @@ def convert(
         >>> converted.cut_names
         ('layer1.0', 'layer1.1', 'layer2.0', 'layer2.1', 'layer3.0', 'layer3.1', 'layer4.0')
     """
-    method = Method(target, guess, space, per_sample)
+    method = Method(target, guess, space, granularity, tangents, aggregation, per_sample, engine)
     if isinstance(example_inputs, Tensor):
         example_inputs = (example_inputs,)
     traced = trace(model, tuple(example_inputs), leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
@@ -149,9 +164,11 @@ def convert(
     cuts = choose_cuts(traced, blocks)
     modules = split(traced, cuts)
     head_modules = [build_head(heads, cut.shape[1:], num_classes) for cut in cuts]
-    converted = Converted(modules, head_modules, [c.name for c in cuts], method, num_classes)
+    converted = Converted(modules, head_modules, [c.name for c in cuts], method, num_classes, seed)
     ref = next(iter(model.parameters()), None)
     if ref is not None:
-        converted.heads.to(device=ref.device, dtype=ref.dtype)
+        converted.to(device=ref.device, dtype=ref.dtype)
     converted.train(model.training)
+    batch = example_inputs[0].shape[0]
+    method.warn_if_costly(method.streams(len(modules), batch, [len(list(m.parameters())) for m in modules]))
     return converted

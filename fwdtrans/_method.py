@@ -1,70 +1,159 @@
 """Which gradient each block receives: a Gradient Target, a Gradient Guess and a space.
 
-The options and their names follow the paper (Fournier et al., 2023, section 3); the docs'
-"Concepts" page gives the formulas. Validation happens here, at ``convert`` time.
+The options follow the paper (Fournier et al., 2023, section 3) and map one to one onto the
+official code's flags; the docs' "Methods" page has the table. Everything is validated here, at
+``convert`` time, so a bad combination fails before any training.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Union
 
 from ._errors import FwdTransError
 
 __all__ = ["Method"]
 
-TARGETS = ("global", "local")
-GUESSES = ("global", "local")
-SPACES = ("activity",)
+TARGETS = ("global", "local", "intermediate")
+GUESSES = ("local", "ntk", "fixed-ntk", "gaussian", "rademacher", "global")
+NOISE = ("gaussian", "rademacher")
+HEAD_GUESSES = ("local", "ntk", "fixed-ntk")
+SPACES = ("activity", "weight", "span")
+GRANULARITY = ("tensor", "block", "joint")
 PER_SAMPLE = ("by-loss", "exact")
+AGGREGATION = ("mean", "project")
+ENGINES = ("forward", "reference")
+MANY_STREAMS = 64  # convert() warns above this many tangent streams per step
+
+Guess = Union[str, Callable]
 
 
 @dataclass(frozen=True)
 class Method:
-    """A Gradient Target x Gradient Guess x space choice.
+    """A Gradient Target x Gradient Guess x space choice, and how it is computed.
 
     Attributes:
-        target: the gradient each block should follow: ``"global"`` (end-to-end loss) or
-            ``"local"`` (the block's own head loss).
+        target: the gradient a block should follow: ``"global"`` (end-to-end loss), ``"local"``
+            (its own head's loss) or ``"intermediate"`` (the next block's head loss; paper Table 5).
         guess: the direction it is projected on: ``"local"`` (gradient of the block's head loss,
-            normalised per sample) or ``"global"`` (the exact gradient).
-        space: where the projection happens: ``"activity"`` (per sample, on the block output).
-        per_sample: how a sample's directional derivative is formed when something downstream
-            mixes samples (BatchNorm in train mode): ``"by-loss"`` (one tangent stream per block;
-            sample n gets the derivative of its own loss term) or ``"exact"`` (one stream per
-            sample, the paper's estimator; slow). Both agree when nothing mixes samples.
-
-    When the guess equals the target, the projection is the identity and the block gets the
-    target gradient itself: ``global``/``global`` is backprop, ``local``/``local`` is greedy local
-    learning.
+            normalised), ``"ntk"`` (the same with a head re-initialised at every step, never
+            trained), ``"fixed-ntk"`` (a random head kept fixed), ``"gaussian"`` / ``"rademacher"``
+            noise (not normalised), ``"global"`` (the exact gradient: backprop), or a callable
+            ``guess(j, h, y) -> Tensor`` returning an activity-space direction shaped like ``h``.
+        space: ``"activity"`` (per-sample projection of the block-output gradient, then a
+            block-local pull-back; Eq. 5), ``"weight"`` (projection of the parameter gradient; Eq. 4)
+            or ``"span"`` (each sample's target projected on the span of the batch's guesses;
+            Table 6).
+        granularity: weight space only: one projection per parameter ``"tensor"`` (the paper's
+            appendix A.3), per ``"block"``, or one ``"joint"`` scalar for all blocks (LocalFG).
+        tangents: guesses per block (``k``); noise guesses only.
+        aggregation: how ``k`` projections combine: ``"mean"`` of the ``k`` estimates or the
+            orthogonal ``"project"``-ion onto their span.
+        per_sample: activity space, when something downstream mixes samples (BatchNorm in train
+            mode): ``"by-loss"`` (sample n gets the derivative of its own loss term; one stream per
+            guess) or ``"exact"`` (the paper's estimator; one stream per sample). Equal otherwise.
+        engine: ``"forward"`` (forward-mode AD) or ``"reference"`` (the same estimator simulated
+            with backprop, as the paper's code does).
 
     Example:
-        >>> Method(target="global", guess="local").kind
+        >>> Method(target="global", guess="local", space="weight", granularity="block").kind
         'projected'
     """
 
     target: str = "global"
-    guess: str = "local"
+    guess: Guess = "local"
     space: str = "activity"
+    granularity: str = "tensor"
+    tangents: int = 1
+    aggregation: str = "mean"
     per_sample: str = "by-loss"
+    engine: str = "forward"
 
     def __post_init__(self) -> None:
-        for field, allowed in (("target", TARGETS), ("guess", GUESSES), ("space", SPACES),
-                               ("per_sample", PER_SAMPLE)):
-            value = getattr(self, field)
+        for name, allowed in (("target", TARGETS), ("space", SPACES), ("granularity", GRANULARITY),
+                              ("aggregation", AGGREGATION), ("per_sample", PER_SAMPLE), ("engine", ENGINES)):
+            value = getattr(self, name)
             if value not in allowed:
-                raise FwdTransError(f"{field}={value!r} is not supported. Fix: use one of {', '.join(allowed)}.")
-        if self.kind == "projected" and (self.target, self.guess) != ("global", "local"):
-            raise FwdTransError(
-                f"target={self.target!r} with guess={self.guess!r} is not available. "
-                "Fix: use target='global' with guess='local' or 'global', or target='local' with guess='local'."
-            )
+                raise FwdTransError(f"{name}={value!r} is not an option. Fix: use one of {', '.join(allowed)}.")
+        if not callable(self.guess) and self.guess not in GUESSES:
+            raise FwdTransError(f"guess={self.guess!r} is not an option. Fix: use one of {', '.join(GUESSES)} "
+                                "or a callable guess(j, h, y).")
+        if not isinstance(self.tangents, int) or self.tangents < 1:
+            raise FwdTransError(f"tangents={self.tangents!r}: use a positive integer.")
+        problems = []
+        if self.guess == "global" and self.target != "global":
+            problems.append("guess='global' is the exact gradient of the global loss: use it with target='global' "
+                            "(backprop)")
+        if self.tangents > 1 and self.guess not in NOISE:
+            problems.append(f"tangents={self.tangents} needs a random guess ('gaussian' or 'rademacher'): "
+                            f"guess={self._guess_name!r} gives one direction per block")
+        if self.space == "span" and self.guess not in HEAD_GUESSES:
+            problems.append("space='span' projects on the span of the batch's head guesses: use guess='local', "
+                            "'ntk' or 'fixed-ntk'")
+        if self.space == "weight" and callable(self.guess):
+            problems.append("a callable guess gives activity-space directions: use space='activity'")
+        if self.per_sample == "exact" and self.space != "activity":
+            problems.append("per_sample='exact' applies to space='activity'")
+        if problems:
+            raise FwdTransError(f"invalid method {self.describe()}: " + "; ".join(problems) + ".")
+
+    @property
+    def _guess_name(self) -> str:
+        return getattr(self.guess, "__name__", "callable") if callable(self.guess) else self.guess
 
     @property
     def kind(self) -> str:
-        """``"backprop"``, ``"local"`` (greedy local learning) or ``"projected"`` (forward gradient)."""
-        if self.guess == self.target:
-            return "backprop" if self.target == "global" else "local"
+        """``"backprop"``, ``"local"`` (greedy local learning) or ``"projected"`` (forward gradient).
+
+        A guess equal to its target makes the projection the identity: ``global``/``global`` is
+        backprop and ``local``/``local`` in activity space is greedy local learning.
+        """
+        if self.guess == "global":
+            return "backprop"
+        if self.target == "local" and self.guess == "local" and self.space == "activity":
+            return "local"
         return "projected"
 
-    def to_dict(self) -> dict[str, str]:
-        return asdict(self)
+    @property
+    def trains_heads(self) -> bool:
+        """Heads learn from their own loss when their loss is a guess or a target."""
+        if self.guess in ("ntk", "fixed-ntk"):
+            return False
+        return self.kind == "local" or self.guess == "local" or self.target in ("local", "intermediate")
+
+    def describe(self) -> str:
+        parts = [f"target={self.target}", f"guess={self._guess_name}", f"space={self.space}"]
+        if self.space == "weight":
+            parts.append(f"granularity={self.granularity}")
+        if self.tangents > 1:
+            parts += [f"tangents={self.tangents}", f"aggregation={self.aggregation}"]
+        return "(" + ", ".join(parts) + ")"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["guess"] = self._guess_name
+        return d
+
+    def streams(self, blocks: int, batch: int, tensors_per_block: list[int]) -> int:
+        """Tangent streams one forward step propagates (0 for backprop and local learning)."""
+        if self.kind != "projected" or self.target == "local" or self.engine == "reference":
+            return 0
+        per_block = []
+        for j in range(blocks - 1):
+            if self.space == "span":
+                per_block.append(batch)
+            elif self.space == "weight":
+                units = {"tensor": tensors_per_block[j], "block": 1, "joint": 1}[self.granularity]
+                per_block.append(units * self.tangents)
+            else:
+                per_block.append(self.tangents * (batch if self.per_sample == "exact" else 1))
+        return sum(per_block)
+
+    def warn_if_costly(self, streams: int) -> None:
+        if streams > MANY_STREAMS:
+            warnings.warn(
+                f"{self.describe()} propagates {streams} tangent streams per step (each costs about one block "
+                "forward per block it crosses). Consider granularity='block' or 'joint', fewer tangents, or "
+                "per_sample='by-loss'.", stacklevel=3)

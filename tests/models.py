@@ -133,3 +133,20 @@ def reference_gradients(converted, x, y, per_sample: str) -> dict[str, torch.Ten
 
 def mixes_samples(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+
+
+def assert_gradients_match(actual: dict, expected: dict, rtol: float = 1e-8) -> None:
+    """Each gradient within ``rtol`` relative error, or within ``rtol`` of the whole gradient's norm.
+
+    The second clause covers gradients that are zero in exact arithmetic and round-off in float64
+    (e.g. a Linear feeding a BatchNorm over two samples).
+    """
+    total = torch.sqrt(sum((g * g).sum() for g in expected.values() if g is not None))
+    for name, e in expected.items():
+        a = actual[name]
+        assert (a is None) == (e is None), name
+        if e is None:
+            continue
+        assert a.shape == e.shape, name
+        err = (a - e).norm()
+        assert err <= rtol * e.norm() or err <= rtol * total * 1e-1, f"{name}: error {err:.3e}, norm {e.norm():.3e}"

@@ -1,0 +1,56 @@
+"""Gradient Guesses: the directions each block's target is projected on.
+
+A guess is produced during the forward sweep, from what the block computed (its output ``h``, its
+head's loss gradient ``g = dl/dh``, its parameters) and the step's random generator; both engines
+call the same code, so they use the same random draws. Adding a guess means adding a branch here
+(and its name in ``_method.GUESSES``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["activity_guess", "reinitialise", "weight_guess"]
+
+
+def _noise(kind: str, shape: tuple[int, ...], like: Tensor, generator: torch.Generator) -> Tensor:
+    if kind == "gaussian":
+        return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
+    return torch.randint(0, 2, shape, generator=generator, device=like.device).to(like.dtype) * 2 - 1
+
+
+def activity_guess(method, j: int, h: Tensor, g: Tensor | None, y: Tensor, generator) -> tuple[Tensor, bool]:
+    """Directions ``(k, B, *h)`` for block ``j`` and whether the projection normalises them."""
+    if callable(method.guess):
+        v = method.guess(j, h.detach(), y)
+        if v.shape != h.shape:
+            raise ValueError(f"the guess callable returned shape {tuple(v.shape)} for block {j}; expected {tuple(h.shape)}")
+        return _unit(v.detach())[None], True
+    if method.guess in ("gaussian", "rademacher"):
+        return _noise(method.guess, (method.tangents, *h.shape), h, generator), False
+    return _unit(g)[None], True  # local, ntk, fixed-ntk: the head's loss gradient, normalised
+
+
+def _unit(g: Tensor) -> Tensor:
+    """Each sample's slice divided by its norm (zero stays zero). Normalising before the tangents
+    are pushed matters: with samples mixed downstream, one stream carries every sample's guess."""
+    norms = g.flatten(1).norm(dim=1).clamp_min(torch.finfo(g.dtype).tiny)
+    return g / norms.view(-1, *([1] * (g.dim() - 1)))
+
+
+def weight_guess(method, params: list[Tensor], head_grads: list[Tensor] | None, generator) -> tuple[list[Tensor], bool]:
+    """Directions per parameter ``(k, *p)`` for one block and whether they are normalised."""
+    if method.guess in ("gaussian", "rademacher"):
+        return [_noise(method.guess, (method.tangents, *p.shape), p, generator) for p in params], False
+    return [gp[None] for gp in head_grads], True
+
+
+def reinitialise(head: nn.Module, generator: torch.Generator) -> None:
+    """Draw fresh parameters for an NTK head (its layers' default initialisation, seeded)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for m in head.modules():
+            if m is not head and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
