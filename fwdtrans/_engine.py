@@ -112,7 +112,7 @@ def _stream_directions(method, block: _Block, params: list[Tensor]) -> tuple[Ten
 
 def _contract(tangents: Tensor, cotangent: Tensor, read: str) -> Tensor:
     """``<cotangent_m, tangent_s,m>`` per stream s and output sample m; summed over m for ``"sum"``."""
-    values = (tangents * cotangent).flatten(2).sum(-1)
+    values = (tangents.detach() * cotangent.detach()).flatten(2).sum(-1)
     return values.sum(-1) if read == "sum" else values
 
 
@@ -207,6 +207,10 @@ class _Sweep:
 
     def _guess(self, j: int, b: _Block) -> None:
         method, model, params = self.method, self.model, self.params[j]
+        if method.space == "weight" and not params:  # nothing to estimate in a parameter-free block
+            b.directions, b.units = [], [[]] if method.granularity == "joint" else []
+            b.values = b.out.new_zeros(len(b.units) * method.tangents)
+            return
         if method.space == "weight":
             head_grads = None
             if method.guess in ("local", "ntk", "fixed-ntk"):
@@ -260,6 +264,8 @@ class _Sweep:
     def _reference_values(self, j: int) -> None:
         b, method = self.blocks[j], self.method
         params = self.params[j]
+        if b.values is not None:  # a parameter-free block in weight space
+            return
         streams, read = _stream_directions(method, b, params)
         terminal, cotangent = self._terminal(j)
         z = params if method.space == "weight" else [b.out]
@@ -317,9 +323,9 @@ class _Sweep:
             params = self.params[j]
             if method.space == "weight":
                 for p, e in zip(params, est):
-                    p.grad = e
+                    p.grad = e.detach()
             elif blocks[j].out.requires_grad and params:
-                torch.autograd.backward(blocks[j].out, est, inputs=params, retain_graph=chained)
+                torch.autograd.backward(blocks[j].out, est.detach(), inputs=params, retain_graph=chained)
         if self.params[-1]:  # the last block: the exact gradient of the global loss
             torch.autograd.backward(loss, inputs=self.params[-1])
 
