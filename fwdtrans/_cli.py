@@ -9,6 +9,7 @@ from functools import partial
 
 from tqdm import tqdm
 
+from . import _method
 from ._errors import FwdTransError
 from ._train import TrainConfig, train, write_json
 
@@ -46,10 +47,15 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--limit", type=int, default=0, help="use only the first N training images")
         p.add_argument("--out", default=None, help="JSON summary path (written atomically)")
         if name == "train":
-            p.add_argument("--target", default=defaults.target, choices=["global", "local"])
-            p.add_argument("--guess", default=defaults.guess, choices=["global", "local"])
-            p.add_argument("--space", default=defaults.space, choices=["activity"])
-            p.add_argument("--per-sample", default=defaults.per_sample, choices=["by-loss", "exact"])
+            p.add_argument("--target", default=defaults.target, choices=_method.TARGETS)
+            p.add_argument("--guess", default=defaults.guess, choices=_method.GUESSES)
+            p.add_argument("--space", default=defaults.space, choices=_method.SPACES)
+            p.add_argument("--granularity", default=defaults.granularity, choices=_method.GRANULARITY,
+                           help="weight space: projection per parameter tensor, per block, or one joint scalar")
+            p.add_argument("--tangents", type=int, default=defaults.tangents, help="random guesses per block")
+            p.add_argument("--aggregation", default=defaults.aggregation, choices=_method.AGGREGATION)
+            p.add_argument("--per-sample", default=defaults.per_sample, choices=_method.PER_SAMPLE)
+            p.add_argument("--engine", default=defaults.engine, choices=_method.ENGINES)
     return parser
 
 

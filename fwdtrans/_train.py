@@ -39,7 +39,11 @@ class TrainConfig:
     target: str = "global"
     guess: str = "local"
     space: str = "activity"
+    granularity: str = "tensor"
+    tangents: int = 1
+    aggregation: str = "mean"
     per_sample: str = "by-loss"
+    engine: str = "forward"
     epochs: int = 3
     batch_size: int = 64
     lr: float = 0.05
@@ -94,7 +98,9 @@ def _build(config: TrainConfig, data: ImageDataset) -> Converted:
         raise FwdTransError(f"--model {config.model!r}: the CLI ships resnet18; use fwdtrans.convert for others.")
     model = resnet18(num_classes=len(data.classes), width=config.width)
     return convert(model, data.train_x[:2].float(), blocks=config.blocks, heads=config.head_spec(),
-                   target=config.target, guess=config.guess, space=config.space, per_sample=config.per_sample)
+                   target=config.target, guess=config.guess, space=config.space, granularity=config.granularity,
+                   tangents=config.tangents, aggregation=config.aggregation, per_sample=config.per_sample,
+                   engine=config.engine, seed=config.seed)
 
 
 def train(config: TrainConfig, *, out: str | os.PathLike | None = None,
