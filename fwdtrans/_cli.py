@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=defaults.model, choices=["resnet18"])
         p.add_argument("--width", type=int, default=defaults.width, help="ResNet width (64 = standard)")
         p.add_argument("--blocks", type=int, default=defaults.blocks)
-        p.add_argument("--heads", default=defaults.heads, choices=["cnn", "mlp", "linear"])
+        p.add_argument("--heads", default=defaults.heads, choices=["auto", "cnn", "mlp", "linear"])
         p.add_argument("--head-width", type=int, default=None, help="default: the paper's, scaled by --width/64")
         p.add_argument("--epochs", type=int, default=defaults.epochs if name == "train" else 1)
         p.add_argument("--batch-size", type=int, default=defaults.batch_size)

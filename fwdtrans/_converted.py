@@ -9,9 +9,10 @@ from torch import Tensor, nn
 
 from . import _engine
 from ._check import check
-from ._cuts import choose_cuts, split
+from ._cuts import block_costs, choose_cuts, split
 from ._errors import FwdTransError
 from ._method import Method
+from ._support import attention_context, check_forward_ad
 from ._trace import trace
 from .heads import HeadSpec, build_head
 
@@ -45,6 +46,7 @@ class Converted(nn.Module):
         self.num_classes = num_classes
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)  # random guesses and NTK re-initialisation
+        self.math_attention = False  # set by convert when the flash attention kernel lacks forward AD
 
     def _apply(self, fn, recurse=True):  # keep the generator on the parameters' device
         result = super()._apply(fn, recurse)
@@ -90,7 +92,8 @@ class Converted(nn.Module):
                 f"labels must lie in [0, {self.num_classes}) (the model outputs {self.num_classes} classes), "
                 f"got values in [{int(y.min())}, {int(y.max())}]. Fix: remap the labels or change the model's output size."
             )
-        return _engine.compute_gradients(self, x, y)
+        with attention_context(self.math_attention):
+            return _engine.compute_gradients(self, x, y)
 
     def train_step(self, optimizer: torch.optim.Optimizer, *,
                    diagnostics: bool = False) -> Callable[[Tensor, Tensor], dict[str, Tensor]]:
@@ -122,7 +125,8 @@ def convert(
     example_inputs: tuple[Tensor, ...] | Tensor,
     *,
     blocks: int | list[str] = 8,
-    heads: HeadSpec = "cnn",
+    heads: HeadSpec = "auto",
+    balance: str = "flops",
     target: str = "global",
     guess: str | Callable = "local",
     space: str = "activity",
@@ -134,6 +138,7 @@ def convert(
     seed: int = 0,
     leaf_modules: Iterable[type] = (),
     autowrap_functions: Iterable[Callable] = (),
+    concrete_args: dict | None = None,
 ) -> Converted:
     """Cut ``model`` into blocks with auxiliary heads, ready to train with forward gradients.
 
@@ -141,15 +146,20 @@ def convert(
         model: any ``nn.Module`` that ``torch.fx`` can trace and that returns logits ``(N, classes)``.
             It is never modified: ``convert`` works on a deep copy.
         example_inputs: a tensor or tuple of tensors that ``model`` accepts (batch first).
-        blocks: a block count (cuts placed where one tensor crosses, balancing forward FLOPs) or a
-            list of names to cut after (see :func:`fwdtrans.inspect`).
-        heads: ``"cnn"``, ``"mlp"``, ``"linear"``, a :mod:`fwdtrans.heads` spec, or a callable
-            ``shape -> nn.Module`` given each cut's per-sample output shape.
+        blocks: a block count (cuts placed where exactly one tensor crosses, balancing ``balance``)
+            or a list of names to cut after (see :func:`fwdtrans.inspect`).
+        heads: ``"auto"`` (paper-style heads within 10% of their block's FLOPs), ``"cnn"``,
+            ``"mlp"``, ``"linear"``, a :mod:`fwdtrans.heads` spec, a callable ``shape -> nn.Module``
+            given each cut's per-sample output shape, or a dict from cut names to any of these
+            (``"*"`` for the rest).
+        balance: what ``blocks=N`` balances: forward ``"flops"``, ``"params"`` or activation ``"memory"``.
         target, guess, space, granularity, tangents, aggregation, per_sample, engine: the method;
             see :class:`fwdtrans.Method` and the docs' Methods page.
         seed: seeds the step's random guesses and NTK re-initialisations.
         leaf_modules: module classes to keep whole when tracing (escape hatch for untraceable code).
-        autowrap_functions: free functions to record as single calls when tracing.
+        autowrap_functions: free functions to record as single calls when tracing (einops layers
+            and functions are handled without this).
+        concrete_args: values for forward arguments that steer Python control flow (``torch.fx``).
 
     Returns:
         A new :class:`Converted` module.
@@ -164,21 +174,25 @@ def convert(
     method = Method(target, guess, space, granularity, tangents, aggregation, per_sample, engine)
     if isinstance(example_inputs, Tensor):
         example_inputs = (example_inputs,)
-    traced = trace(model, tuple(example_inputs), leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+    traced = trace(model, tuple(example_inputs), leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+                   concrete_args=concrete_args)
     if len(traced.output_shape) != 2:
         raise FwdTransError(
             f"{type(model).__name__} returns shape {traced.output_shape}; fwdtrans needs logits (N, classes). "
             "Fix: wrap the model so that it returns class scores."
         )
     num_classes = traced.output_shape[1]
-    cuts = choose_cuts(traced, blocks)
+    cuts = choose_cuts(traced, blocks, balance)
     modules = split(traced, cuts)
-    head_modules = [build_head(heads, cut.shape[1:], num_classes) for cut in cuts]
+    batch = example_inputs[0].shape[0]
+    costs = block_costs(traced, cuts)
+    head_modules = [build_head(heads, cut.shape[1:], num_classes, name=cut.name, block_flops=cost["flops"] // batch)
+                    for cut, cost in zip(cuts, costs)]
     converted = Converted(modules, head_modules, [c.name for c in cuts], method, num_classes, seed)
     ref = next(iter(model.parameters()), None)
     if ref is not None:
         converted.to(device=ref.device, dtype=ref.dtype)
     converted.train(model.training)
-    batch = example_inputs[0].shape[0]
     method.warn_if_costly(method.streams(len(modules), batch, [len(list(m.parameters())) for m in modules]))
+    converted.math_attention = check_forward_ad(modules, tuple(example_inputs), method)
     return converted

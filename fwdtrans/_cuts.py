@@ -8,6 +8,7 @@ block.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -15,7 +16,7 @@ import torch.fx as fx
 from ._errors import FwdTransError
 from ._trace import Traced
 
-__all__ = ["CutPoint", "choose_cuts", "find_cut_points", "split"]
+__all__ = ["CutPoint", "block_costs", "choose_cuts", "find_cut_points", "split"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class CutPoint:
     shape: tuple[int, ...]
     flops: int  # forward FLOPs since the previous cut point
     params: int  # parameters first used since the previous cut point
+    memory: int  # activation elements produced since the previous cut point
 
 
 def _nodes(traced: Traced) -> list[fx.Node]:
@@ -51,10 +53,11 @@ def find_cut_points(traced: Traced) -> list[CutPoint]:
 
     points: list[CutPoint] = []
     live: set[fx.Node] = set()
-    flops = params = 0
+    flops = params = memory = 0
     for i, n in enumerate(nodes[:-1]):
         flops += traced.info[n].flops
         params += traced.info[n].params
+        memory += math.prod(traced.info[n].shape) if traced.info[n].shape and n.op != "get_attr" else 0
         if n.op != "get_attr" and last_use[n] > i:
             live.add(n)
         live = {v for v in live if last_use[v] > i}
@@ -68,8 +71,8 @@ def find_cut_points(traced: Traced) -> list[CutPoint]:
         node_name = f"{scope}.{n.name}" if scope and n.op != "call_module" else n.name
         name = (containers or modules or [node_name])[0]
         aliases = (name, *dict.fromkeys(a for a in (*modules, node_name, n.name) if a != name))
-        points.append(CutPoint(name, aliases, n, shape, flops, params))
-        flops = params = 0
+        points.append(CutPoint(name, aliases, n, shape, flops, params, memory))
+        flops = params = memory = 0
     return points
 
 
@@ -102,10 +105,37 @@ def _balanced(costs: list[float], tail: float, count: int) -> list[int]:
     return sorted(chosen)
 
 
-def choose_cuts(traced: Traced, blocks: int | list[str]) -> list[CutPoint]:
-    """The cut points for ``blocks``: a block count (balanced by forward FLOPs) or cut names."""
+def _totals(traced: Traced) -> dict[str, int]:
+    return {
+        "flops": sum(i.flops for i in traced.info.values()),
+        "params": sum(i.params for i in traced.info.values()),
+        "memory": sum(math.prod(i.shape) for n, i in traced.info.items() if i.shape and n.op != "get_attr"),
+    }
+
+
+def block_costs(traced: Traced, cuts: list[CutPoint]) -> list[dict[str, int]]:
+    """Forward FLOPs, parameters and activation elements of each block the cuts make."""
+    points = find_cut_points(traced)
+    chosen = {c.node for c in cuts}
+    costs, current = [], dict.fromkeys(("flops", "params", "memory"), 0)
+    for p in points:
+        for key in current:
+            current[key] += getattr(p, key)
+        if p.node in chosen:
+            costs.append(current)
+            current = dict.fromkeys(current, 0)
+    totals = _totals(traced)
+    costs.append({k: totals[k] - sum(c[k] for c in costs) for k in totals})
+    return costs
+
+
+def choose_cuts(traced: Traced, blocks: int | list[str], balance: str = "flops") -> list[CutPoint]:
+    """The cut points for ``blocks``: a block count (balancing ``balance``: forward ``"flops"``,
+    ``"params"`` or activation ``"memory"``) or a list of names to cut after."""
     points = find_cut_points(traced)
     model = type(traced.root).__name__
+    if balance not in ("flops", "params", "memory"):
+        raise FwdTransError(f"balance={balance!r}: use 'flops', 'params' or 'memory'.")
     if isinstance(blocks, int):
         if blocks < 1:
             raise FwdTransError(f"blocks={blocks}: ask for at least 1 block.")
@@ -117,8 +147,8 @@ def choose_cuts(traced: Traced, blocks: int | list[str]) -> list[CutPoint]:
             )
         if blocks == 1:
             return []
-        tail = sum(i.flops for i in traced.info.values()) - sum(p.flops for p in points)
-        costs = [float(p.flops) for p in points]
+        costs = [float(getattr(p, balance)) for p in points]
+        tail = _totals(traced)[balance] - sum(costs)
         return [points[i] for i in _balanced(costs, float(tail), blocks - 1)]
     by_alias = {a: p for p in points for a in p.aliases}
     chosen = []

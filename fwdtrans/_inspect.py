@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ._cuts import CutPoint, find_cut_points
+from ._cuts import CutPoint, block_costs, choose_cuts, find_cut_points
 from ._trace import trace
+from .heads import HeadSpec, build_head, head_flops
 
 __all__ = ["CutReport", "inspect"]
 
@@ -21,6 +22,7 @@ class CutReport:
     points: tuple[CutPoint, ...]
     total_flops: int
     total_params: int
+    plan: tuple[dict, ...] = ()  # with blocks=...: per block, its cost and its head's (FLOPs per sample)
 
     @property
     def names(self) -> list[str]:
@@ -34,25 +36,40 @@ class CutReport:
             cum += p.flops
             rows.append((p.name, "x".join(map(str, p.shape[1:])), f"{p.params:,}", f"{p.flops:,}",
                          f"{cum / max(self.total_flops, 1):.0%}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = [f"{self.model}: {len(self.points)} cut points, {self.total_params:,} params, "
                  f"{self.total_flops:,} forward FLOPs"]
-        lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                  for r in rows]
+        lines += _table(rows)
+        if self.plan:
+            lines.append("plan (FLOPs per sample):")
+            rows = [("block", "ends after", "FLOPs", "params", "head", "head FLOPs", "head/block")]
+            rows += [(str(r["block"]), r["ends_after"], f"{r['flops']:,}", f"{r['params']:,}", r["head"],
+                      f"{r['head_flops']:,}", f"{r['head_ratio']:.1%}" if r["head"] != "-" else "-") for r in self.plan]
+            lines += _table(rows)
         return "\n".join(lines)
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) if i <= 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
 
 
 def inspect(
     model: nn.Module,
     example_inputs: tuple[Tensor, ...] | Tensor,
     *,
+    blocks: int | list[str] | None = None,
+    heads: HeadSpec = "auto",
+    balance: str = "flops",
     leaf_modules: Iterable[type] = (),
     autowrap_functions: Iterable[Callable] = (),
+    concrete_args: dict | None = None,
 ) -> CutReport:
     """List the points where ``model`` can be cut into blocks.
 
     Each row gives the name to pass in ``convert(..., blocks=[...])``, the per-sample output shape
     there, and the parameters and forward FLOPs (on ``example_inputs``) since the previous point.
+    With ``blocks`` (and ``heads``, ``balance`` as in :func:`fwdtrans.convert`) the report also
+    shows the plan ``convert`` would make: each block's cost and its head's FLOPs relative to it.
 
     Example:
         >>> import torch, fwdtrans
@@ -62,10 +79,40 @@ def inspect(
     """
     if isinstance(example_inputs, Tensor):
         example_inputs = (example_inputs,)
-    traced = trace(model, tuple(example_inputs), leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+    traced = trace(model, tuple(example_inputs), leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+                   concrete_args=concrete_args)
+    plan = ()
+    if blocks is not None:
+        cuts = choose_cuts(traced, blocks, balance)
+        batch = example_inputs[0].shape[0]
+        num_classes = traced.output_shape[-1]
+        rows = []
+        for j, cost in enumerate(block_costs(traced, cuts)):
+            row = {"block": j, "ends_after": cuts[j].name if j < len(cuts) else "(output)",
+                   "flops": cost["flops"] // batch, "params": cost["params"], "head": "-", "head_flops": 0,
+                   "head_ratio": 0.0}
+            if j < len(cuts):
+                shape = cuts[j].shape[1:]
+                head = build_head(heads, shape, num_classes, name=cuts[j].name, block_flops=row["flops"])
+                row["head"] = _describe(head)
+                row["head_flops"] = head_flops(head, shape)
+                row["head_ratio"] = row["head_flops"] / max(row["flops"], 1)
+            rows.append(row)
+        plan = tuple(rows)
     return CutReport(
         type(model).__name__,
         tuple(find_cut_points(traced)),
         sum(i.flops for i in traced.info.values()),
         sum(i.params for i in traced.info.values()),
+        plan,
     )
+
+
+def _describe(head: nn.Module) -> str:
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if convs:
+        return f"cnn(width={convs[0].out_channels})"
+    if len(linears) > 1:
+        return f"mlp(width={linears[0].out_features})"
+    return "linear" if linears else type(head).__name__

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -41,6 +42,47 @@ class Traced:
     graph: fx.Graph
     info: dict[fx.Node, NodeInfo]
     output_shape: tuple[int, ...]
+
+
+def _einops() -> tuple[tuple[type, ...], tuple[Callable, ...], object]:
+    """einops layers (kept whole) and functions (recorded as single calls): they do not trace."""
+    try:
+        import einops
+        from einops.layers import torch as layers
+    except ImportError:  # einops is optional for models that do not use it
+        return (), (), None
+    kinds = tuple(getattr(layers, n) for n in ("Rearrange", "Reduce", "Repeat", "EinMix") if hasattr(layers, n))
+    functions = tuple(getattr(einops, n) for n in ("rearrange", "reduce", "repeat", "einsum") if hasattr(einops, n))
+    return kinds, functions, einops
+
+
+def _recorded(fn: Callable) -> Callable:
+    """``fn`` that, given fx proxies, records one ``call_function`` node instead of running."""
+
+    @functools.wraps(fn)
+    def shim(*args, **kwargs):
+        proxies = [a for a in (*args, *kwargs.values()) if isinstance(a, fx.Proxy)]
+        if proxies:
+            return proxies[0].tracer.create_proxy("call_function", fn, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return shim
+
+
+@contextlib.contextmanager
+def _module_functions_recorded(module, functions: tuple[Callable, ...]) -> Iterator[None]:
+    """Make ``module.fn(...)`` calls (not only imported names) traceable for the duration."""
+    if module is None:
+        yield
+        return
+    originals = {fn.__name__: fn for fn in functions}
+    for name, fn in originals.items():
+        setattr(module, name, _recorded(fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(module, name, fn)
 
 
 class _Tracer(fx.Tracer):
@@ -79,14 +121,34 @@ def trace(
     *,
     leaf_modules: Iterable[type] = (),
     autowrap_functions: Iterable[Callable] = (),
+    concrete_args: dict | None = None,
 ) -> Traced:
     """Deep-copy ``model``, trace the copy with ``torch.fx`` and profile every node once.
 
     The user's model is never touched: tracing and profiling run on the copy, and the copy's
-    buffers are restored after the profiling run.
+    buffers are restored after the profiling run. The model is traced in train and in eval mode;
+    if the two graphs differ (Python branches on ``self.training``) tracing is refused, naming
+    the module, since one graph could not serve both modes.
     """
     root = copy.deepcopy(model)
-    tracer = _Tracer(tuple(leaf_modules), tuple(autowrap_functions))
+    einops_layers, einops_functions, einops_module = _einops()
+    leaves = (*tuple(leaf_modules), *einops_layers)
+    wrapped = (*tuple(autowrap_functions), *einops_functions)
+    graphs = {}
+    for mode in (True, False):
+        root.train(mode)
+        graphs[mode] = _trace_once(root, leaves, wrapped, einops_module, einops_functions, concrete_args, model)
+    root.train(model.training)
+    _check_modes_agree(graphs[True], graphs[False], model)
+    gm = fx.GraphModule(root, graphs[model.training])
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    info, out_shape = _profile(gm, example_inputs)
+    return Traced(root, gm.graph, info, out_shape)
+
+
+def _trace_once(root, leaves, wrapped, einops_module, einops_functions, concrete_args, model) -> fx.Graph:
+    tracer = _Tracer(leaves, wrapped)
     stack: list[str] = []
     original_call_module = tracer.call_module
 
@@ -98,21 +160,37 @@ def trace(
 
     tracer.call_module = call_module
     try:
-        graph = tracer.trace(root)
+        with _module_functions_recorded(einops_module, einops_functions):
+            return tracer.trace(root, concrete_args=concrete_args)
     except Exception as e:  # fx raises TraceError, TypeError, AttributeError, ... depending on the code
         where = stack[-1] if stack else "the top-level module"
+        kind = type(root.get_submodule(stack[-1])).__name__ if stack else type(model).__name__
         raise FwdTransError(
-            f"torch.fx cannot trace {type(model).__name__}: in module '{where}' "
-            f"({_user_frame(e.__traceback__)}): {type(e).__name__}: {e}\n"
-            "Fixes: mark that module as a leaf (convert(..., leaf_modules=[TheClass])) so it is called "
-            "as a whole, wrap a free function with autowrap_functions=[fn], or move data-dependent "
-            "Python control flow out of forward()."
+            f"torch.fx cannot trace {type(model).__name__}: in module '{where}' ({kind}), "
+            f"{_user_frame(e.__traceback__)}: {type(e).__name__}: {e}\n"
+            f"Fixes: keep that module whole with convert(..., leaf_modules=[{kind}]) (it then runs as one "
+            "call, so a cut cannot fall inside it); record a free function as one call with "
+            "autowrap_functions=[fn]; fix an argument that steers Python control flow with concrete_args={...}; "
+            "or move data-dependent control flow out of forward()."
         ) from None
-    gm = fx.GraphModule(root, graph)
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    info, out_shape = _profile(gm, example_inputs)
-    return Traced(root, gm.graph, info, out_shape)
+
+
+def _check_modes_agree(train: fx.Graph, eval_: fx.Graph, model: nn.Module) -> None:
+    def signature(g):
+        return [(n.op, str(n.target), n.meta.get("nn_module_stack") and next(reversed(n.meta["nn_module_stack"])))
+                for n in g.nodes]
+
+    a, b = signature(train), signature(eval_)
+    if a == b:
+        return
+    first = next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), min(len(a), len(b)))
+    scope = (a[first] if first < len(a) else b[first])[2] or "the top-level module"
+    raise FwdTransError(
+        f"{type(model).__name__} computes different graphs in train and eval mode (a Python branch on "
+        f"self.training, first seen in module '{scope}'), and one traced graph cannot serve both. "
+        "Fix: keep that module whole with convert(..., leaf_modules=[TheClass]), or make the branch a tensor "
+        "operation (e.g. nn.Dropout instead of `if self.training:`)."
+    )
 
 
 class _Profiler(fx.Interpreter):

@@ -18,7 +18,7 @@ from torch import nn
 from ._converted import Converted, convert
 from ._data import ImageDataset, batches, load_cifar10, num_batches
 from ._errors import FwdTransError
-from .heads import CNNHead, HeadSpec, LinearHead, MLPHead
+from .heads import AutoHead, CNNHead, HeadSpec, LinearHead, MLPHead
 from .models import resnet18
 
 __all__ = ["TrainConfig", "evaluate", "train", "write_json"]
@@ -28,13 +28,14 @@ __all__ = ["TrainConfig", "evaluate", "train", "write_json"]
 class TrainConfig:
     """Everything that defines a run; recorded in its summary.
 
+    ``heads="auto"`` sizes each head to 10% of its block's FLOPs; for ``"cnn"``/``"mlp"``,
     ``head_width=None`` scales the paper's widths (CNN 32, MLP 1024 for width-64 models) with ``width``.
     """
 
     model: str = "resnet18"
     width: int = 16
     blocks: int = 8
-    heads: str = "cnn"
+    heads: str = "auto"
     head_width: int | None = None
     target: str = "global"
     guess: str = "local"
@@ -63,6 +64,8 @@ class TrainConfig:
             return MLPHead(width=self.head_width or max(16, round(1024 * scale)))
         if self.heads == "linear":
             return LinearHead()
+        if self.heads == "auto":
+            return AutoHead()
         raise FwdTransError(f"--heads {self.heads!r}: use cnn, mlp or linear.")
 
 
@@ -96,8 +99,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 def _build(config: TrainConfig, data: ImageDataset) -> Converted:
     if config.model != "resnet18":
         raise FwdTransError(f"--model {config.model!r}: the CLI ships resnet18; use fwdtrans.convert for others.")
-    model = resnet18(num_classes=len(data.classes), width=config.width)
-    return convert(model, data.train_x[:2].float(), blocks=config.blocks, heads=config.head_spec(),
+    # the paper's settings: 8 blocks = one residual block each, 16 blocks = one layer each, no skips
+    model = resnet18(num_classes=len(data.classes), width=config.width, skip=config.blocks != 16)
+    blocks = model.paper_cuts() if config.blocks in (8, 16) else config.blocks
+    return convert(model, data.train_x[:2].float(), blocks=blocks, heads=config.head_spec(),
                    target=config.target, guess=config.guess, space=config.space, granularity=config.granularity,
                    tangents=config.tangents, aggregation=config.aggregation, per_sample=config.per_sample,
                    engine=config.engine, seed=config.seed)

@@ -1,8 +1,13 @@
 """Auxiliary heads: the small classifiers that give each block its local loss and its guess.
 
-``convert(..., heads=...)`` accepts ``"cnn"``, ``"mlp"``, ``"linear"``, one of the specs below
-(to choose a width), or any callable ``shape -> nn.Module`` that receives the per-sample shape of
-the block output (e.g. ``(C, H, W)``) and returns a module mapping ``(N, *shape)`` to logits.
+``convert(..., heads=...)`` accepts ``"auto"`` (the default: the largest paper-style head whose
+forward FLOPs stay under 10% of its block's), ``"cnn"``, ``"mlp"``, ``"linear"``, one of the specs
+below (to choose a width or a budget), any callable ``shape -> nn.Module`` that receives the
+per-sample shape of the block output (e.g. ``(C, H, W)``) and returns a module mapping
+``(N, *shape)`` to logits, or a dict from cut names to any of these (key ``"*"`` for the rest).
+
+Feature shapes: images ``(C, H, W)`` get the paper's heads; tokens ``(T, D)`` are averaged over
+tokens first; flat features ``(D,)`` get MLP or linear heads.
 
 Example:
     >>> import fwdtrans
@@ -15,15 +20,17 @@ The three families follow the paper (section 4.1 and appendix A.2 of Fournier et
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Union
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from ._errors import FwdTransError
 
-__all__ = ["CNNHead", "HeadSpec", "LinearHead", "MLPHead"]
+__all__ = ["AutoHead", "CNNHead", "HeadSpec", "LinearHead", "MLPHead", "TokenMean", "head_flops"]
 
 
 def _image(shape: tuple[int, ...], family: str) -> int:
@@ -53,20 +60,13 @@ class CNNHead:
 
 @dataclass(frozen=True)
 class MLPHead:
-    """(2x2 pool for images), ``depth`` x [linear without bias + BN + ReLU], linear."""
+    """(2x2 pool for images, token mean for tokens), ``depth`` x [linear without bias + BN + ReLU], linear."""
 
     width: int = 1024
     depth: int = 3
 
     def build(self, shape: tuple[int, ...], num_classes: int) -> nn.Module:
-        layers: list[nn.Module] = []
-        if len(shape) == 3:
-            layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten()]
-            features = 4 * shape[0]
-        elif len(shape) == 1:
-            features = shape[0]
-        else:
-            raise FwdTransError(f"the 'mlp' head takes (C, H, W) or (D,) features, not {tuple(shape)}.")
+        layers, features = _flatten(shape, "mlp")
         for _ in range(self.depth):
             layers += [nn.Linear(features, self.width, bias=False), nn.BatchNorm1d(self.width), nn.ReLU()]
             features = self.width
@@ -75,25 +75,93 @@ class MLPHead:
 
 @dataclass(frozen=True)
 class LinearHead:
-    """For images: BN + 2x2 average pool + linear (as Belilovsky et al., 2021); for (D,): linear."""
+    """For images: BN + 2x2 average pool + linear (as Belilovsky et al., 2021); for tokens: token
+    mean + linear; for (D,): linear."""
 
     def build(self, shape: tuple[int, ...], num_classes: int) -> nn.Module:
-        if len(shape) == 1:
-            return nn.Linear(shape[0], num_classes)
-        c = _image(shape, "linear")
-        return nn.Sequential(nn.BatchNorm2d(c), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * c, num_classes))
+        if len(shape) == 3:
+            c = shape[0]
+            return nn.Sequential(nn.BatchNorm2d(c), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * c, num_classes))
+        layers, features = _flatten(shape, "linear")
+        return nn.Sequential(*layers, nn.Linear(features, num_classes))
 
 
-HeadSpec = Union[str, CNNHead, MLPHead, LinearHead, Callable[[tuple[int, ...]], nn.Module]]
-_NAMED = {"cnn": CNNHead(), "mlp": MLPHead(), "linear": LinearHead()}
+class TokenMean(nn.Module):
+    """Average ``(N, T, D)`` token features over the tokens."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(1)
 
 
-def build_head(spec: HeadSpec, shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Instantiate ``spec`` for a block whose output has per-sample ``shape``."""
+def _flatten(shape: tuple[int, ...], family: str) -> tuple[list[nn.Module], int]:
+    """Layers that turn ``(N, *shape)`` features into ``(N, D)``, and ``D``."""
+    if len(shape) == 3:
+        return [nn.AdaptiveAvgPool2d(2), nn.Flatten()], 4 * shape[0]
+    if len(shape) == 2:
+        return [TokenMean()], shape[1]
+    if len(shape) == 1:
+        return [], shape[0]
+    raise FwdTransError(f"the '{family}' head takes (C, H, W), (T, D) or (D,) features, not {tuple(shape)}. "
+                        "Fix: pass a callable head for this block.")
+
+
+@dataclass(frozen=True)
+class AutoHead:
+    """The largest paper-style head whose forward FLOPs stay within ``budget`` x its block's.
+
+    Images try CNN heads of width 32, 16, 8, 4; tokens and flat features MLP heads of width 1024
+    down to 32; the linear head is the fallback.
+    """
+
+    budget: float = 0.1
+
+    def candidates(self, shape: tuple[int, ...]) -> list:
+        if len(shape) == 3:
+            return [CNNHead(width=w) for w in (32, 16, 8, 4)]
+        return [MLPHead(width=w) for w in (1024, 512, 256, 128, 64, 32)]
+
+    def choose(self, shape: tuple[int, ...], num_classes: int, block_flops: int):
+        for spec in self.candidates(shape):
+            if head_flops(spec.build(shape, num_classes), shape) <= self.budget * block_flops:
+                return spec
+        return LinearHead()
+
+
+HeadSpec = Union[str, CNNHead, MLPHead, LinearHead, AutoHead, Callable[[tuple[int, ...]], nn.Module], Mapping]
+_NAMED = {"cnn": CNNHead(), "mlp": MLPHead(), "linear": LinearHead(), "auto": AutoHead()}
+
+
+def head_flops(head: nn.Module, shape: tuple[int, ...]) -> int:
+    """Forward FLOPs of ``head`` for one sample (BatchNorm counted in eval mode)."""
+    param = next(head.parameters(), None)
+    x = torch.zeros(1, *shape, dtype=param.dtype if param is not None else None)
+    training = head.training
+    head.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        head(x)
+    head.train(training)
+    return int(counter.get_total_flops())
+
+
+def build_head(spec: HeadSpec, shape: tuple[int, ...], num_classes: int, *, name: str = "",
+               block_flops: int = 0) -> nn.Module:
+    """Instantiate ``spec`` for the block ending at cut ``name`` with per-sample output ``shape``.
+
+    ``block_flops`` (per sample) sizes ``"auto"`` heads.
+    """
+    if isinstance(spec, Mapping):
+        if name in spec:
+            spec = spec[name]
+        elif "*" in spec:
+            spec = spec["*"]
+        else:
+            raise FwdTransError(f"heads: no head for the block ending at '{name}'. Fix: add it, or a '*' entry.")
     if isinstance(spec, str):
         if spec not in _NAMED:
             raise FwdTransError(f"heads='{spec}' is unknown. Fix: use one of {sorted(_NAMED)} or a callable.")
         spec = _NAMED[spec]
+    if isinstance(spec, AutoHead):
+        spec = spec.choose(tuple(shape), num_classes, block_flops)
     if isinstance(spec, (CNNHead, MLPHead, LinearHead)):
         return spec.build(tuple(shape), num_classes)
     if callable(spec):
@@ -101,4 +169,4 @@ def build_head(spec: HeadSpec, shape: tuple[int, ...], num_classes: int) -> nn.M
         if not isinstance(head, nn.Module):
             raise FwdTransError(f"the head callable returned {type(head).__name__}, not an nn.Module.")
         return head
-    raise FwdTransError(f"heads={spec!r}: expected 'cnn', 'mlp', 'linear', a head spec or a callable.")
+    raise FwdTransError(f"heads={spec!r}: expected 'auto', 'cnn', 'mlp', 'linear', a head spec, a callable or a dict.")

@@ -1,0 +1,102 @@
+"""Forward-mode AD support, checked at ``convert`` time.
+
+Every block a tangent stream will cross is run once under ``torch.func.jvp`` on the example
+inputs. An op without a forward-mode derivative fails here, before training, and is located node
+by node. The CPU flash-attention kernel has none, but the math kernel does: when that alone is
+the problem, the step runs under ``sdpa_kernel(SDPBackend.MATH)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ._errors import FwdTransError
+from ._trace import preserved_state
+
+__all__ = ["attention_context", "check_forward_ad"]
+
+
+def attention_context(math_attention: bool):
+    """The context a step runs in: the math attention kernel when the flash kernel lacks forward AD."""
+    return sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext()
+
+
+def _crossed(method, j: int, block: nn.Module) -> bool:
+    if method.kind != "projected" or method.engine != "forward" or method.target == "local":
+        return False
+    return j > 0 or (method.space == "weight" and any(True for _ in block.parameters()))
+
+
+def _probe(block: nn.Module, h: Tensor, weight: bool) -> None:
+    from ._engine import _push_params, push  # the engine's own code paths, run once
+
+    if weight and any(True for _ in block.parameters()):
+        _push_params(block, h, [torch.randn(1, *p.shape, dtype=p.dtype) for p in block.parameters()])
+    push(block, h, torch.randn(1, *h.shape, dtype=h.dtype))
+
+
+def _locate(block: fx.GraphModule, h: Tensor) -> tuple[fx.Node, Exception]:
+    """Run the block node by node on a dual input; return the first node that fails."""
+    class Locator(fx.Interpreter):
+        def run_node(self, n):
+            try:
+                return super().run_node(n)
+            except Exception as e:
+                raise _Located(n, e) from None
+
+    try:
+        with fwAD.dual_level():
+            Locator(block).run(fwAD.make_dual(h, torch.randn_like(h)))
+    except _Located as found:
+        return found.node, found.error
+    raise AssertionError("the block failed under jvp but not node by node")
+
+
+class _Located(Exception):
+    def __init__(self, node: fx.Node, error: Exception):
+        super().__init__(str(error))
+        self.node, self.error = node, error
+
+
+def check_forward_ad(blocks: list[fx.GraphModule], example_inputs: tuple[Tensor, ...], method) -> bool:
+    """Raise a FwdTransError naming the node if a tangent would cross an op without forward AD.
+
+    Returns whether the step must run with the math attention kernel.
+    """
+    math_attention = False
+    with contextlib.ExitStack() as stack:
+        for block in blocks:
+            stack.enter_context(preserved_state(block))
+        h = example_inputs
+        for j, block in enumerate(blocks):
+            if _crossed(method, j, block):
+                try:
+                    _probe(block, h[0], method.space == "weight")
+                except (NotImplementedError, RuntimeError) as e:
+                    if "forward AD" not in str(e) and "forward-mode" not in str(e):
+                        raise
+                    try:
+                        with attention_context(True):
+                            _probe(block, h[0], method.space == "weight")
+                        math_attention = True
+                    except (NotImplementedError, RuntimeError):
+                        node, error = _locate(block, h[0])
+                        scope = node.meta.get("nn_module_stack") or {}
+                        where = node.target if node.op == "call_module" else (next(reversed(scope)) if scope else "")
+                        raise FwdTransError(
+                            f"block {j} contains an operation without a forward-mode derivative in torch "
+                            f"{torch.__version__}: node '{node.name}' ({node.op} {getattr(node.target, '__name__', node.target)}) "
+                            f"in module '{where or 'the top level'}': {str(error).splitlines()[0]}\n"
+                            "A tangent stream must cross it. Fixes: cut the model so that it falls in the first block "
+                            "(activity-space tangents start after block 0), replace it with an equivalent that has "
+                            "forward AD (see the docs' support matrix), or use engine='reference'."
+                        ) from None
+            with torch.no_grad():
+                h = (block(*h),)
+    return math_attention
