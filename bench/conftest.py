@@ -1,0 +1,132 @@
+"""Shared setup of the step-time benchmarks, and the ratio-to-backprop table.
+
+* Settings: 2 torch threads, float32, seeded data, ``FWDTRANS_BENCH_ROUNDS`` /
+  ``FWDTRANS_BENCH_SLOW_ROUNDS`` timed rounds (after one untimed warm-up call).
+* Cases marked ``slow`` (the reference engine's per-sample Jacobians) are skipped in the smoke run
+  (``--benchmark-disable``, the default) unless ``FWDTRANS_BENCH_SLOW=1``; a benchmark run
+  (``--benchmark-enable``) runs them all. ``-m "not slow"`` deselects them in either mode.
+* At the end of a benchmark run every case's median is divided by the medians of ``backprop`` and
+  ``plain-backprop`` from the same session: printed as a table, and stored in the JSON's
+  ``extra_info`` (``ratio_to_backprop``, ``ratio_to_plain_backprop``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+THREADS = 2
+torch.set_num_threads(THREADS)
+torch.set_default_dtype(torch.float32)
+
+
+def _load_report():
+    """``bench/report.py`` under a private name (``report`` alone could clash on sys.path)."""
+    name = "_fwdtrans_bench_report"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("report.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+report = _load_report()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        n = int(value) if value.strip() else default
+    except ValueError:
+        raise pytest.UsageError(f"{name}={value!r}: expected a positive integer") from None
+    if n < 1:
+        raise pytest.UsageError(f"{name}={value!r}: expected a positive integer")
+    return n
+
+
+def _benchmarks_disabled(config) -> bool:
+    session = getattr(config, "_benchmarksession", None)
+    if session is not None:
+        return bool(session.disabled)
+    return bool(config.getoption("benchmark_disable", False)) and not config.getoption("benchmark_enable", False)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: a case too slow for the smoke run (skipped under --benchmark-disable unless "
+                   "FWDTRANS_BENCH_SLOW=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not _benchmarks_disabled(config) or os.environ.get("FWDTRANS_BENCH_SLOW", "") not in ("", "0"):
+        return
+    skip = pytest.mark.skip(reason="slow case, skipped in the smoke run: set FWDTRANS_BENCH_SLOW=1 or use "
+                                   "--benchmark-enable")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def rounds() -> int:
+    """Timed rounds per case (``FWDTRANS_BENCH_ROUNDS``, default 5)."""
+    return _env_int("FWDTRANS_BENCH_ROUNDS", 5)
+
+
+@pytest.fixture(scope="session")
+def slow_rounds(rounds) -> int:
+    """Timed rounds for ``slow`` cases: ``FWDTRANS_BENCH_SLOW_ROUNDS`` (default 1), at most ``rounds``."""
+    return min(rounds, _env_int("FWDTRANS_BENCH_SLOW_ROUNDS", 1))
+
+
+# ----------------------------------------------------------------------------- ratios
+def pytest_benchmark_update_machine_info(config, machine_info):
+    import fwdtrans
+
+    machine_info["fwdtrans"] = {
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "fwdtrans": getattr(fwdtrans, "__version__", None),
+    }
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Store each case's ratios to the same run's backprop medians in its ``extra_info``."""
+    entries = output_json.get("benchmarks", [])
+    rows = report.ratio_rows(entries)
+    for entry, row in zip(entries, rows):
+        extra = entry.setdefault("extra_info", {})
+        extra["ratio_to_backprop"] = row["ratio_backprop"]
+        extra["ratio_to_plain_backprop"] = row["ratio_plain"]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or session.disabled:
+        return
+    entries = []
+    for bench in session.benchmarks:
+        if bench.has_error or not bench.stats or not bench.stats.rounds:
+            continue
+        entries.append({"name": bench.name, "group": bench.group, "extra_info": dict(bench.extra_info),
+                        "stats": {"median": bench.stats.median, "rounds": bench.stats.rounds}})
+    if not entries:
+        return
+    rows = report.ratio_rows(entries)
+    tr = terminalreporter
+    tr.write_sep("=", "fwdtrans step time: ratios to backprop (medians, same run)")
+    for line in report.ratio_table(rows):
+        tr.write_line(line)
+    engines = report.engine_table(rows)
+    if len(engines) > 2:
+        tr.write_line("")
+        tr.write_line("forward engine vs reference engine (< 1: forward-mode AD is faster)")
+        for line in engines:
+            tr.write_line(line)

@@ -1,0 +1,163 @@
+"""Ratio tables from a pytest-benchmark JSON of the fwdtrans step-time suite.
+
+Usage::
+
+    python bench/report.py bench/results.json                  # print markdown to stdout
+    python bench/report.py bench/results.json --markdown OUT.md  # also write it to OUT.md
+
+Every case's median step time is divided by the median of the ``backprop`` case (fwdtrans,
+``guess="global"``) and of the ``plain-backprop`` case (the unconverted model) measured in the same
+run, so the ratios compare like with like even when the machine is loaded. A second table puts the
+forward engine next to the reference engine for every space/guess family.
+
+``bench/conftest.py`` imports this file to print the same tables at the end of a benchmark run and
+to store the ratios in the JSON's ``extra_info``; it only needs the standard library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+BACKPROP = "backprop"
+PLAIN = "plain-backprop"
+
+
+def _case(bench: dict) -> str:
+    """The case id: ``extra_info["case"]``, else the pytest parameter (``test_step[flagship]``)."""
+    extra = bench.get("extra_info") or {}
+    if extra.get("case"):
+        return str(extra["case"])
+    name = str(bench.get("name", ""))
+    return name[name.find("[") + 1:-1] if name.endswith("]") and "[" in name else name
+
+
+def _median(bench: dict) -> float | None:
+    stats = bench.get("stats") or {}
+    median = stats.get("median")
+    return float(median) if median is not None else None
+
+
+def ratio_rows(benchmarks: list[dict]) -> list[dict]:
+    """One row per benchmark (in run order): case, group, median seconds, and both ratios.
+
+    ``benchmarks`` are dicts shaped like the JSON's ``benchmarks`` entries (``stats.median``,
+    ``extra_info``, ``group``, ``name``). A ratio is ``None`` when its baseline was not run.
+    """
+    medians = {_case(b): _median(b) for b in benchmarks}
+    base, plain = medians.get(BACKPROP), medians.get(PLAIN)
+    rows = []
+    for b in benchmarks:
+        case, median = _case(b), _median(b)
+        extra = b.get("extra_info") or {}
+        rows.append({
+            "case": case,
+            "group": b.get("group"),
+            "method": extra.get("method"),
+            "engine": extra.get("engine"),
+            "family": extra.get("family"),
+            "guess": extra.get("guess"),
+            "streams": extra.get("tangent_streams"),
+            "rounds": (b.get("stats") or {}).get("rounds"),
+            "median_s": median,
+            "ratio_backprop": median / base if median and base else None,
+            "ratio_plain": median / plain if median and plain else None,
+        })
+    return rows
+
+
+def engine_rows(rows: list[dict]) -> list[dict]:
+    """Forward vs reference engine for every (family, guess) measured with both."""
+    pairs: dict[tuple[str, str], dict[str, float]] = {}
+    for r in rows:
+        if r["family"] and r["engine"] and r["median_s"]:
+            pairs.setdefault((r["family"], r["guess"]), {})[r["engine"]] = r["median_s"]
+    out = []
+    for (family, guess), by in pairs.items():
+        if "forward" in by and "reference" in by:
+            out.append({"family": family, "guess": guess, "forward_s": by["forward"], "reference_s": by["reference"],
+                        "forward_over_reference": by["forward"] / by["reference"]})
+    return out
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in body]
+
+
+def ratio_table(rows: list[dict]) -> list[str]:
+    """``case | median ms | ratio to backprop | ratio to plain backprop`` as markdown lines."""
+    return _table(["case", "median ms", "ratio to backprop", "ratio to plain backprop"],
+                  [[f"`{r['case']}`", _num(r["median_s"] and r["median_s"] * 1e3, ".1f"),
+                    _num(r["ratio_backprop"], ".2f"), _num(r["ratio_plain"], ".2f")] for r in rows])
+
+
+def engine_table(rows: list[dict]) -> list[str]:
+    """``family | guess | forward ms | reference ms | forward / reference`` as markdown lines."""
+    return _table(["family", "guess", "forward ms", "reference ms", "forward / reference"],
+                  [[e["family"], e["guess"], f"{e['forward_s'] * 1e3:.1f}", f"{e['reference_s'] * 1e3:.1f}",
+                    f"{e['forward_over_reference']:.2f}"] for e in engine_rows(rows)])
+
+
+def machine_lines(data: dict) -> list[str]:
+    """Where and when the figures were measured, from the JSON's ``machine_info`` and first benchmark."""
+    info = data.get("machine_info") or {}
+    cpu = info.get("cpu") or {}
+    extras = [b.get("extra_info") or {} for b in data.get("benchmarks", [])]
+    first = extras[0] if extras else {}
+    fw = info.get("fwdtrans") or {}
+    cpu_count = fw.get("cpu_count") or cpu.get("count")
+    items = [
+        ("date", data.get("datetime")),
+        ("CPU", cpu.get("brand_raw") or info.get("processor") or info.get("machine")),
+        ("CPU count", cpu_count),
+        ("torch threads", fw.get("torch_threads") or first.get("threads")),
+        ("torch", fw.get("torch") or first.get("torch")),
+        ("python", info.get("python_version")),
+        ("fwdtrans", fw.get("fwdtrans") or first.get("fwdtrans")),
+        ("setup", first.get("setup")),
+        ("commit", (data.get("commit_info") or {}).get("id")),
+    ]
+    return [f"- {k}: {v}" for k, v in items if v not in (None, "")]
+
+
+def markdown(data: dict) -> str:
+    """The full report: machine info, the ratio table and the engine table."""
+    rows = ratio_rows(data.get("benchmarks", []))
+    lines = ["# fwdtrans step time", "", *machine_lines(data), "",
+             "Median time of one training step (`compute_gradients`); ratios divide by the medians of "
+             f"`{BACKPROP}` (fwdtrans, guess=global) and `{PLAIN}` (the unconverted model) from the same run.", "",
+             *ratio_table(rows)]
+    engines = engine_table(rows)
+    if len(engines) > 2:
+        lines += ["", "## Forward engine vs reference engine", "",
+                  "`forward / reference` < 1: forward-mode AD is faster than simulating the same estimator "
+                  "with backprop.", "", *engines]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", type=Path, help="a pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("--markdown", type=Path, metavar="OUT.md", help="also write the report to this file")
+    args = parser.parse_args(argv)
+    data = json.loads(args.json.read_text())
+    if not data.get("benchmarks"):
+        print(f"{args.json}: no benchmarks (was the run made with --benchmark-enable?)", file=sys.stderr)
+        return 1
+    text = markdown(data)
+    print(text, end="")
+    if args.markdown:
+        args.markdown.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
