@@ -67,17 +67,21 @@ class Converted(nn.Module):
         return parts[2] if parts[0] == "blocks" else name
 
     def original_state_dict(self) -> dict[str, Tensor]:
-        """The blocks' state under the original model's names (heads left out)."""
-        return {self.original_name(k): v for k, v in self.state_dict().items() if k.startswith("blocks.")}
+        """The model's state under the original model's names (heads left out), loadable by the
+        original model. Entries the traced graph never reads are carried along unchanged."""
+        own = {self.original_name(k): v for k, v in self.state_dict().items() if k.startswith("blocks.")}
+        return {k: own.get(k, self.unused.get(k)) for k in self.original_keys}
 
     def load_original_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Load a checkpoint of the original model into the blocks."""
         own = {self.original_name(k): k for k in self.state_dict() if k.startswith("blocks.")}
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
+        missing = sorted(set(self.original_keys) - set(state))
+        unexpected = sorted(set(state) - set(self.original_keys))
         if missing or unexpected:
-            raise FwdTransError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}.")
-        self.load_state_dict({own[k]: v for k, v in state.items()}, strict=False)
+            raise FwdTransError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}. "
+                                "Fix: load a checkpoint of the model that was converted.")
+        self.load_state_dict({own[k]: v for k, v in state.items() if k in own}, strict=False)
+        self.unused = {k: v.detach().clone() for k, v in state.items() if k not in own}
 
     def compute_gradients(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """Write the method's gradient into ``p.grad`` of every trained parameter; return metrics.
@@ -189,6 +193,9 @@ def convert(
     head_modules = [build_head(heads, cut.shape[1:], num_classes, name=cut.name, block_flops=cost["flops"] // batch)
                     for cut, cost in zip(cuts, costs)]
     converted = Converted(modules, head_modules, [c.name for c in cuts], method, num_classes, seed)
+    converted.original_keys = tuple(model.state_dict())
+    used = {converted.original_name(k) for k in converted.state_dict() if k.startswith("blocks.")}
+    converted.unused = {k: v.detach().clone() for k, v in traced.root.state_dict().items() if k not in used}
     ref = next(iter(model.parameters()), None)
     if ref is not None:
         converted.to(device=ref.device, dtype=ref.dtype)
