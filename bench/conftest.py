@@ -2,9 +2,10 @@
 
 * Settings: 2 torch threads, float32, seeded data, ``FWDTRANS_BENCH_ROUNDS`` /
   ``FWDTRANS_BENCH_SLOW_ROUNDS`` timed rounds (after one untimed warm-up call).
-* Cases marked ``slow`` (the reference engine's per-sample Jacobians) are skipped in the smoke run
-  (``--benchmark-disable``, the default) unless ``FWDTRANS_BENCH_SLOW=1``; a benchmark run
-  (``--benchmark-enable``) runs them all. ``-m "not slow"`` deselects them in either mode.
+* Smoke run (``--benchmark-disable``, the default in pyproject): every case runs its step once, and
+  only the cases marked ``smoke`` run (the others are skipped) unless ``FWDTRANS_BENCH_ALL=1``. A
+  benchmark run (``--benchmark-enable``) runs every case; ``-m "not slow"`` leaves out the cases that
+  take minutes per step.
 * At the end of a benchmark run every case's median is divided by the medians of ``backprop`` and
   ``plain-backprop`` from the same session: printed as a table, and stored in the JSON's
   ``extra_info`` (``ratio_to_backprop``, ``ratio_to_plain_backprop``).
@@ -58,18 +59,18 @@ def _benchmarks_disabled(config) -> bool:
 
 
 def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "slow: a case too slow for the smoke run (skipped under --benchmark-disable unless "
-                   "FWDTRANS_BENCH_SLOW=1)")
+    config.addinivalue_line("markers", "smoke: a case of the smoke run (--benchmark-disable)")
+    config.addinivalue_line("markers", "slow: a case that takes minutes per step (FWDTRANS_BENCH_SLOW_ROUNDS rounds)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if not _benchmarks_disabled(config) or os.environ.get("FWDTRANS_BENCH_SLOW", "") not in ("", "0"):
+    if not _benchmarks_disabled(config) or os.environ.get("FWDTRANS_BENCH_ALL", "") not in ("", "0"):
         return
-    skip = pytest.mark.skip(reason="slow case, skipped in the smoke run: set FWDTRANS_BENCH_SLOW=1 or use "
+    skip = pytest.mark.skip(reason="not in the smoke run: set FWDTRANS_BENCH_ALL=1, or benchmark with "
                                    "--benchmark-enable")
+    here = Path(__file__).parent
     for item in items:
-        if item.get_closest_marker("slow"):
+        if Path(item.path).is_relative_to(here) and not item.get_closest_marker("smoke"):
             item.add_marker(skip)
 
 
@@ -107,6 +108,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         extra["ratio_to_plain_backprop"] = row["ratio_plain"]
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or session.disabled:

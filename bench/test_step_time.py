@@ -3,7 +3,8 @@
 Setup: ResNet-18 width 16, batch 64 of 3x32x32, 10 classes, 8 blocks, CNN heads width 8, float32,
 2 threads, seeded. Each case is timed with ``benchmark.pedantic``: one untimed warm-up call (first
 call overheads: allocator, vmap/jvp set-up, lazy initialisation), then ``FWDTRANS_BENCH_ROUNDS``
-timed calls (``FWDTRANS_BENCH_SLOW_ROUNDS`` for ``slow`` cases).
+timed calls (``FWDTRANS_BENCH_SLOW_ROUNDS`` for ``slow`` cases, which take minutes per step).
+The smoke run (``--benchmark-disable``) calls the step of the ``smoke`` cases once; see conftest.
 
 Groups:
 
@@ -37,7 +38,8 @@ class Case:
     group: str
     method: dict | None  # convert()'s method keywords; None: the plain, unconverted model
     family: str | None = None  # space family of the matrix cases
-    slow: bool = False
+    smoke: bool = True  # runs in the smoke run (--benchmark-disable)
+    slow: bool = False  # minutes per step: FWDTRANS_BENCH_SLOW_ROUNDS timed rounds
 
 
 FAMILIES = {  # family -> (space, granularity)
@@ -61,13 +63,18 @@ def _cases() -> list[Case]:
     for family, (space, granularity) in FAMILIES.items():
         for guess in GUESSES:
             if space == "span" and guess not in ("local", "ntk", "fixed-ntk"):
-                continue  # span projects on the span of head guesses
+                continue  # span projects on the span of the head guesses
             for engine in ENGINES:
-                # the reference engine reads activity/span values per output sample: one batched
-                # backward of B cotangents per block (B times backprop's work), too slow to smoke-test
-                slow = engine == "reference" and space in ("activity", "span")
+                # slow: the reference engine reads activity/span values per output sample (a batched
+                # backward of B cotangents per block: about B times backprop's work), and the forward
+                # engine in span space propagates B tangent streams per block (448 here)
+                slow = space == "span" or (engine == "reference" and space == "activity")
+                # smoke run: one case per family and engine (guess=local), every guess once in
+                # activity space (forward engine; activity-local-forward is the flagship); never a slow case
+                smoke = not slow and (guess == "local" or (space == "activity" and engine == "forward"))
+                smoke = smoke and f"{family}-{guess}-{engine}" != "activity-local-forward"
                 method = dict(target="global", guess=guess, space=space, granularity=granularity, engine=engine)
-                cases.append(Case(f"{family}-{guess}-{engine}", family, method, family, slow))
+                cases.append(Case(f"{family}-{guess}-{engine}", family, method, family, smoke, slow))
     return cases
 
 
@@ -76,6 +83,8 @@ CASES = _cases()
 
 def _param(case: Case):
     marks = [pytest.mark.benchmark(group=case.group)]
+    if case.smoke:
+        marks.append(pytest.mark.smoke)
     if case.slow:
         marks.append(pytest.mark.slow)
     return pytest.param(case, id=case.id, marks=marks)
@@ -92,6 +101,18 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 def _model() -> torch.nn.Module:
     torch.manual_seed(SEED)
     return fwdtrans.models.resnet18(num_classes=CLASSES, width=WIDTH).train()
+
+
+def _streams(converted, method) -> int | None:
+    """Tangent streams per step, from the Method's stream count (``None`` if the API moved)."""
+    names = ("stream_count", "num_streams", "streams")
+    count = next((getattr(method, n) for n in names if callable(getattr(method, n, None))), None)
+    if count is None:
+        return None
+    try:
+        return int(count(len(converted.blocks), BATCH, [len(list(b.parameters())) for b in converted.blocks]))
+    except Exception:  # a bookkeeping figure: never fail a timing because of it
+        return None
 
 
 @pytest.mark.parametrize("case", [_param(c) for c in CASES])
@@ -112,20 +133,18 @@ def test_step(benchmark, case: Case, batch, rounds, slow_rounds):
         extra.update(method="unconverted model: cross_entropy(model(x), y).backward()", engine="autograd",
                      kind="backprop", tangent_streams=0)
     else:
-        with warnings.catch_warnings(record=True) as caught:  # e.g. "propagates N tangent streams"
-            warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught:  # fwdtrans's "propagates N tangent streams"
+            warnings.simplefilter("always", UserWarning)  # other categories keep pytest's filters
             converted = fwdtrans.convert(model, x[:2], blocks=BLOCKS, heads=fwdtrans.heads.CNNHead(width=HEAD_WIDTH),
                                          seed=SEED, **case.method)
         method = converted.method
-        tensors = [len(list(b.parameters())) for b in converted.blocks]
-        forward_twin = dataclasses.replace(method, engine="forward")
         extra.update(
-            method=method.describe(), engine=method.engine, kind=method.kind, guess=method._guess_name,
+            method=method.describe(), engine=method.engine, kind=method.kind, guess=case.method["guess"],
             # streams the forward engine propagates per step (0: backprop, local, reference engine) ...
-            tangent_streams=method.streams(len(converted.blocks), BATCH, tensors),
-            # ... and what the same estimator would propagate with the forward engine
-            forward_engine_streams=forward_twin.streams(len(converted.blocks), BATCH, tensors),
-            convert_warnings=[str(w.message) for w in caught],
+            tangent_streams=_streams(converted, method),
+            # ... and what the same estimator propagates with the forward engine
+            forward_engine_streams=_streams(converted, dataclasses.replace(method, engine="forward")),
+            convert_warnings=sorted({str(w.message) for w in caught}),
         )
         assert len(converted.blocks) == BLOCKS
 

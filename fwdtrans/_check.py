@@ -17,7 +17,17 @@ __all__ = ["BlockCheck", "CheckReport", "check"]
 
 @dataclass(frozen=True)
 class BlockCheck:
-    """Diagnostics of one block (all but the last, which always gets the exact gradient)."""
+    """Diagnostics of one block (all but the last, which always gets the exact gradient).
+
+    Attributes:
+        block: the block index.
+        cosine: cosine between the estimate and the true gradient of the block's target, in the
+            method's space.
+        norm_ratio: ``|estimate| / |target gradient|``.
+        guess_cosine: the paper's Eq. 6: cosine between guess and target, averaged over samples
+            (activity space) or parameter tensors (weight space).
+        engine_gap: relative difference of the block's parameter gradients, forward vs reference engine.
+    """
 
     block: int
     cosine: float  # cos(estimate, target gradient), in the method's space
@@ -28,7 +38,14 @@ class BlockCheck:
 
 @dataclass(frozen=True)
 class CheckReport:
-    """What :func:`check` found; ``print`` it for a table."""
+    """What [`check`][fwdtrans.check] found; ``print`` it for a table.
+
+    Attributes:
+        method: the method's description, e.g. ``(target=global, guess=local, space=activity)``.
+        blocks: one [`BlockCheck`][fwdtrans.BlockCheck] per block but the last.
+        missing: trained parameters without a finite gradient of their own shape.
+        engine_gap: the largest relative difference between the two engines, over all parameters.
+    """
 
     method: str
     blocks: tuple[BlockCheck, ...]
@@ -81,7 +98,7 @@ def check(converted, batch: tuple[Tensor, Tensor], *, verbose: bool = False) -> 
     """Run one step of both engines on copies of ``converted`` and report, per block, how the
     estimate compares with the true gradient of its target. ``converted`` is left untouched.
 
-    Example:
+    Examples:
         >>> import torch, fwdtrans
         >>> c = fwdtrans.convert(fwdtrans.models.resnet18(width=4), torch.randn(2, 3, 32, 32), blocks=4,
         ...                      heads="linear")

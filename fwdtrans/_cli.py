@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--aggregation", default=defaults.aggregation, choices=_method.AGGREGATION)
             p.add_argument("--per-sample", default=defaults.per_sample, choices=_method.PER_SAMPLE)
             p.add_argument("--engine", default=defaults.engine, choices=_method.ENGINES)
+            p.add_argument("--streams", default=defaults.streams, choices=_method.STREAMS)
     return parser
 
 

@@ -23,10 +23,10 @@ class Converted(nn.Module):
     """A model cut into blocks, each but the last with an auxiliary head.
 
     ``converted(x)`` computes what the original ``model(x)`` computed. Parameters live in
-    ``blocks.{j}.<original name>`` and ``heads.{j}.*``; :meth:`original_name` and
-    :meth:`original_state_dict` map them back to the original model's names.
+    ``blocks.{j}.<original name>`` and ``heads.{j}.*``; [`original_name`][fwdtrans.Converted.original_name] and
+    [`original_state_dict`][fwdtrans.Converted.original_state_dict] map them back to the original model's names.
 
-    Example:
+    Examples:
         >>> import torch, fwdtrans
         >>> model = fwdtrans.models.resnet18(width=8)
         >>> converted = fwdtrans.convert(model, (torch.randn(2, 3, 32, 32),), blocks=4, heads="linear")
@@ -105,7 +105,7 @@ class Converted(nn.Module):
 
         With ``diagnostics=True`` the metrics also hold, per block, ``cosine/block{j}`` (estimate vs
         target gradient), ``norm_ratio/block{j}`` and ``guess_cosine/block{j}`` (the paper's Eq. 6),
-        from :func:`fwdtrans.check` on the same batch: about three extra steps' work. Off, they cost
+        from [`fwdtrans.check`][fwdtrans.check] on the same batch: about three extra steps' work. Off, they cost
         nothing.
         """
 
@@ -139,6 +139,7 @@ def convert(
     aggregation: str = "mean",
     per_sample: str = "by-loss",
     engine: str = "forward",
+    streams: str = "per-block",
     seed: int = 0,
     leaf_modules: Iterable[type] = (),
     autowrap_functions: Iterable[Callable] = (),
@@ -146,19 +147,31 @@ def convert(
 ) -> Converted:
     """Cut ``model`` into blocks with auxiliary heads, ready to train with forward gradients.
 
+    ``target`` to ``streams`` are the fields of [`fwdtrans.Method`][fwdtrans.Method]; the docs'
+    Methods page maps each to the paper and gives its cost.
+
     Args:
         model: any ``nn.Module`` that ``torch.fx`` can trace and that returns logits ``(N, classes)``.
             It is never modified: ``convert`` works on a deep copy.
         example_inputs: a tensor or tuple of tensors that ``model`` accepts (batch first).
         blocks: a block count (cuts placed where exactly one tensor crosses, balancing ``balance``)
-            or a list of names to cut after (see :func:`fwdtrans.inspect`).
+            or a list of names to cut after (see [`fwdtrans.inspect`][fwdtrans.inspect]).
         heads: ``"auto"`` (paper-style heads within 10% of their block's FLOPs), ``"cnn"``,
-            ``"mlp"``, ``"linear"``, a :mod:`fwdtrans.heads` spec, a callable ``shape -> nn.Module``
+            ``"mlp"``, ``"linear"``, a [`fwdtrans.heads`][fwdtrans.heads] spec, a callable ``shape -> nn.Module``
             given each cut's per-sample output shape, or a dict from cut names to any of these
             (``"*"`` for the rest).
         balance: what ``blocks=N`` balances: forward ``"flops"``, ``"params"`` or activation ``"memory"``.
-        target, guess, space, granularity, tangents, aggregation, per_sample, engine: the method;
-            see :class:`fwdtrans.Method` and the docs' Methods page.
+        target: the Gradient Target: ``"global"``, ``"local"`` or ``"intermediate"``.
+        guess: the Gradient Guess: ``"local"``, ``"ntk"``, ``"fixed-ntk"``, ``"gaussian"``,
+            ``"rademacher"``, ``"global"`` (backprop) or a callable ``guess(j, h, y)``.
+        space: ``"activity"``, ``"weight"`` or ``"span"``.
+        granularity: weight space: one projection per ``"tensor"``, per ``"block"`` or ``"joint"``.
+        tangents: random guesses per block.
+        aggregation: how several tangents combine: ``"mean"`` or ``"project"``.
+        per_sample: activity space under sample mixing: ``"by-loss"`` or ``"exact"``.
+        engine: ``"forward"`` (forward-mode AD) or ``"reference"`` (simulated with backprop).
+        streams: how the forward engine schedules tangents: ``"per-block"``, ``"joint"`` or
+            ``"sequential"``.
         seed: seeds the step's random guesses and NTK re-initialisations.
         leaf_modules: module classes to keep whole when tracing (escape hatch for untraceable code).
         autowrap_functions: free functions to record as single calls when tracing (einops layers
@@ -166,16 +179,16 @@ def convert(
         concrete_args: values for forward arguments that steer Python control flow (``torch.fx``).
 
     Returns:
-        A new :class:`Converted` module.
+        A new [`Converted`][fwdtrans.Converted] module.
 
-    Example:
+    Examples:
         >>> import torch, fwdtrans
         >>> model = fwdtrans.models.resnet18(width=8)
         >>> converted = fwdtrans.convert(model, torch.randn(2, 3, 32, 32), blocks=8, heads="linear")
         >>> converted.cut_names
         ('layer1.0', 'layer1.1', 'layer2.0', 'layer2.1', 'layer3.0', 'layer3.1', 'layer4.0')
     """
-    method = Method(target, guess, space, granularity, tangents, aggregation, per_sample, engine)
+    method = Method(target, guess, space, granularity, tangents, aggregation, per_sample, engine, streams)
     if isinstance(example_inputs, Tensor):
         example_inputs = (example_inputs,)
     traced = trace(model, tuple(example_inputs), leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
@@ -200,6 +213,6 @@ def convert(
     if ref is not None:
         converted.to(device=ref.device, dtype=ref.dtype)
     converted.train(model.training)
-    method.warn_if_costly(method.streams(len(modules), batch, [len(list(m.parameters())) for m in modules]))
+    method.warn_if_costly(method.stream_count(len(modules), batch, [len(list(m.parameters())) for m in modules]))
     converted.math_attention = check_forward_ad(modules, tuple(example_inputs), method)
     return converted

@@ -51,18 +51,19 @@ def _functional(block: nn.Module) -> tuple[Callable, dict[str, Tensor], dict[str
     return f, params, buffers
 
 
-def push(block: nn.Module, h: Tensor, streams: Tensor) -> tuple[Tensor, Tensor]:
+def push(block: nn.Module, h: Tensor, streams: Tensor, update_buffers: bool = True) -> tuple[Tensor, Tensor]:
     """Run ``block`` on ``h`` and push the tangent ``streams`` (``(S, *h.shape)``) through it.
 
-    The primal output is computed once, keeps its autograd graph to the block's parameters, and
-    the block's buffers are updated once.
+    The primal output is computed once and keeps its autograd graph to the block's parameters
+    (unless grad mode is off); the block's buffers are updated once (if ``update_buffers``).
     """
     f, params, buffers = _functional(block)
     out, tangents, new = vmap(lambda t: jvp(lambda x: f(params, x), (h,), (t,), has_aux=True),
                               out_dims=(None, 0, 0), randomness="same")(streams)
-    with torch.no_grad():
-        for k, b in buffers.items():
-            b.copy_(new[k][0])
+    if update_buffers:
+        with torch.no_grad():
+            for k, b in buffers.items():
+                b.copy_(new[k][0])
     return out, tangents
 
 
@@ -152,6 +153,8 @@ class _Sweep:
         self.blocks: list[_Block] = []
         self.params = [list(b.parameters()) for b in model.blocks]
         self.open: list[tuple[int, Tensor, str]] = []  # forward engine: (block, tangents, read)
+        self.pending: list[tuple[int, Tensor, str]] = []  # streams="sequential": pushed after the sweep
+        self.joint_total: Tensor | None = None  # the shared directional derivative of a joint method
 
     # -- the sweep
     def run(self) -> dict[str, Tensor]:
@@ -187,9 +190,17 @@ class _Sweep:
         if self.forward:
             for j, tangents, read in self.open:
                 self.blocks[j].values = _contract(tangents, grad_logits, read)
+            for j, origin, read in self.pending:
+                self.blocks[j].values = self._propagate(j, origin, read)
+            if method.joint and method.target == "global" and self.open:  # one stream carried every guess
+                self.joint_total = self.blocks[self.open[0][0]].values
+            elif method.joint:  # local or intermediate targets: each block's value was read at its own target
+                self.joint_total = sum(b.values for b in self.blocks[:-1])
         else:
             for j in range(last):
                 self._reference_values(j)
+            if method.joint:
+                self.joint_total = sum(b.values for b in self.blocks[:-1])
         self._apply(loss)
         return _metrics(loss, logits, y, self.blocks)
 
@@ -232,8 +243,23 @@ class _Sweep:
             origin = streams
         if method.target == "local":
             b.values = _contract(origin, b.g, read)
+        elif method.streams == "sequential":
+            self.pending.append((j, origin, read))
+        elif method.joint and method.target == "global" and self.open:  # join the single stream here
+            first, tangents, read = self.open[0]
+            self.open[0] = (first, tangents + origin, read)
         else:
             self.open.append((j, origin, read))
+
+    def _propagate(self, j: int, origin: Tensor, read: str) -> Tensor:
+        """Push one bundle from block ``j`` to its target on its own, recomputing the primal."""
+        last = len(self.blocks) - 1
+        end = j + 1 if self.method.target == "intermediate" and j + 1 < last else last
+        h, tangents = self.blocks[j].out.detach(), origin
+        with torch.no_grad():
+            for k in range(j + 1, end + 1):
+                h, tangents = push(self.model.blocks[k], h, tangents, update_buffers=False)
+        return _contract(tangents, self.blocks[end].g if end < last else self.grad_logits, read)
 
     def _split(self, tangents: Tensor) -> None:
         sizes = [t.shape[0] for _, t, _ in self.open]
@@ -311,9 +337,10 @@ class _Sweep:
     def _apply(self, loss: Tensor) -> None:
         method, blocks = self.method, self.blocks
         last = len(blocks) - 1
-        if method.space == "weight" and method.granularity == "joint":
-            total = sum(b.values for b in blocks[:-1])  # one scalar (per tangent) for all blocks
-            ests = [self._joint_estimate(j, total) for j in range(last)]
+        if method.space == "weight" and method.joint:
+            ests = [self._joint_estimate(j, self.joint_total) for j in range(last)]
+        elif method.joint:
+            ests = [self._estimate(j, self.joint_total) for j in range(last)]
         else:
             ests = [self._estimate(j, blocks[j].values) for j in range(last)]
         if self.record is not None:
@@ -338,6 +365,4 @@ class _Sweep:
             scale = total / norm2.clamp_min(torch.finfo(total.dtype).tiny)
         else:
             scale = total
-        if self.method.aggregation == "project" and k > 1:
-            raise FwdTransError("aggregation='project' with granularity='joint' is not supported; use 'mean'.")
         return [(scale.view(k, *([1] * (vi.dim() - 1))) * vi).mean(0) for vi in v]

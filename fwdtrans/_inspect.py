@@ -16,7 +16,15 @@ __all__ = ["CutReport", "inspect"]
 
 @dataclass(frozen=True)
 class CutReport:
-    """The candidate cut points of a model; ``print`` it for a table."""
+    """The candidate cut points of a model; ``print`` it for a table.
+
+    Attributes:
+        model: the model's class name.
+        points: every cut point, in the order the model computes them.
+        total_flops: forward FLOPs of the model on the example inputs.
+        total_params: parameters of the model.
+        plan: with ``blocks=...``: per block, its cost and its head's (FLOPs per sample).
+    """
 
     model: str
     points: tuple[CutPoint, ...]
@@ -68,10 +76,10 @@ def inspect(
 
     Each row gives the name to pass in ``convert(..., blocks=[...])``, the per-sample output shape
     there, and the parameters and forward FLOPs (on ``example_inputs``) since the previous point.
-    With ``blocks`` (and ``heads``, ``balance`` as in :func:`fwdtrans.convert`) the report also
+    With ``blocks`` (and ``heads``, ``balance`` as in [`fwdtrans.convert`][fwdtrans.convert]) the report also
     shows the plan ``convert`` would make: each block's cost and its head's FLOPs relative to it.
 
-    Example:
+    Examples:
         >>> import torch, fwdtrans
         >>> report = fwdtrans.inspect(fwdtrans.models.resnet18(width=8), torch.randn(1, 3, 32, 32))
         >>> report.names[:3]

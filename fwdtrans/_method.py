@@ -25,6 +25,7 @@ GRANULARITY = ("tensor", "block", "joint")
 PER_SAMPLE = ("by-loss", "exact")
 AGGREGATION = ("mean", "project")
 ENGINES = ("forward", "reference")
+STREAMS = ("per-block", "joint", "sequential")
 MANY_STREAMS = 64  # convert() warns above this many tangent streams per step
 
 Guess = Union[str, Callable]
@@ -56,8 +57,14 @@ class Method:
             guess) or ``"exact"`` (the paper's estimator; one stream per sample). Equal otherwise.
         engine: ``"forward"`` (forward-mode AD) or ``"reference"`` (the same estimator simulated
             with backprop, as the paper's code does).
+        streams: how the forward engine carries tangents: ``"per-block"`` (one stream per guess,
+            all pushed together in one sweep; the paper's estimator), ``"joint"`` (one stream for
+            all blocks: every block's projection uses the single directional derivative
+            ``sum_j <dL/dh_j, u_j>``, as LocalFG; ~1 forward of tangent work; global target), or
+            ``"sequential"`` (per-block streams pushed one at a time after the forward: low memory,
+            slower). Weight space with ``granularity="joint"`` always uses one joint stream.
 
-    Example:
+    Examples:
         >>> Method(target="global", guess="local", space="weight", granularity="block").kind
         'projected'
     """
@@ -70,10 +77,12 @@ class Method:
     aggregation: str = "mean"
     per_sample: str = "by-loss"
     engine: str = "forward"
+    streams: str = "per-block"
 
     def __post_init__(self) -> None:
         for name, allowed in (("target", TARGETS), ("space", SPACES), ("granularity", GRANULARITY),
-                              ("aggregation", AGGREGATION), ("per_sample", PER_SAMPLE), ("engine", ENGINES)):
+                              ("aggregation", AGGREGATION), ("per_sample", PER_SAMPLE), ("engine", ENGINES),
+                              ("streams", STREAMS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise FwdTransError(f"{name}={value!r} is not an option. Fix: use one of {', '.join(allowed)}.")
@@ -96,6 +105,16 @@ class Method:
             problems.append("a callable guess gives activity-space directions: use space='activity'")
         if self.per_sample == "exact" and self.space != "activity":
             problems.append("per_sample='exact' applies to space='activity'")
+        if self.aggregation == "project" and self.tangents > 1 and self.joint:
+            problems.append("aggregation='project' needs one projection unit per block or tensor: use "
+                            "aggregation='mean' with a joint unit")
+        if self.streams == "joint":
+            if self.target != "global":
+                problems.append("streams='joint' sums every block's directional derivative at the logits: it needs "
+                                "target='global'")
+            if self.space == "span" or self.per_sample == "exact" or (self.space == "weight" and self.granularity != "joint"):
+                problems.append("streams='joint' applies to space='activity' (per_sample='by-loss') or to "
+                                "space='weight' with granularity='joint'")
         if problems:
             raise FwdTransError(f"invalid method {self.describe()}: " + "; ".join(problems) + ".")
 
@@ -108,13 +127,18 @@ class Method:
         """``"backprop"``, ``"local"`` (greedy local learning) or ``"projected"`` (forward gradient).
 
         A guess equal to its target makes the projection the identity: ``global``/``global`` is
-        backprop and ``local``/``local`` in activity space is greedy local learning.
+        backprop and ``local``/``local`` (in any space) is greedy local learning.
         """
         if self.guess == "global":
             return "backprop"
-        if self.target == "local" and self.guess == "local" and self.space == "activity":
+        if self.target == "local" and self.guess == "local":
             return "local"
         return "projected"
+
+    @property
+    def joint(self) -> bool:
+        """One directional derivative shared by all blocks (``streams="joint"`` or a joint weight unit)."""
+        return self.streams == "joint" or (self.space == "weight" and self.granularity == "joint")
 
     @property
     def trains_heads(self) -> bool:
@@ -129,6 +153,12 @@ class Method:
             parts.append(f"granularity={self.granularity}")
         if self.tangents > 1:
             parts += [f"tangents={self.tangents}", f"aggregation={self.aggregation}"]
+        if self.per_sample != "by-loss":
+            parts.append(f"per_sample={self.per_sample}")
+        if self.streams != "per-block":
+            parts.append(f"streams={self.streams}")
+        if self.engine != "forward":
+            parts.append(f"engine={self.engine}")
         return "(" + ", ".join(parts) + ")"
 
     def to_dict(self) -> dict:
@@ -136,10 +166,12 @@ class Method:
         d["guess"] = self._guess_name
         return d
 
-    def streams(self, blocks: int, batch: int, tensors_per_block: list[int]) -> int:
+    def stream_count(self, blocks: int, batch: int, tensors_per_block: list[int]) -> int:
         """Tangent streams one forward step propagates (0 for backprop and local learning)."""
         if self.kind != "projected" or self.target == "local" or self.engine == "reference":
             return 0
+        if self.joint and self.target == "global":
+            return self.tangents
         per_block = []
         for j in range(blocks - 1):
             if self.space == "span":

@@ -9,7 +9,7 @@ per-sample shape of the block output (e.g. ``(C, H, W)``) and returns a module m
 Feature shapes: images ``(C, H, W)`` get the paper's heads; tokens ``(T, D)`` are averaged over
 tokens first; flat features ``(D,)`` get MLP or linear heads.
 
-Example:
+Examples:
     >>> import fwdtrans
     >>> head = fwdtrans.heads.CNNHead(width=8).build((16, 32, 32), num_classes=10)
     >>> sum(p.numel() for p in head.parameters())

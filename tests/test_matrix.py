@@ -22,7 +22,8 @@ def _methods():
         for space in ["activity", "weight", "span"]:
             variants = [{}]
             if space == "activity":
-                variants = [{"per_sample": "by-loss"}, {"per_sample": "exact"}]
+                variants = [{"per_sample": "by-loss"}, {"per_sample": "exact"}, {"streams": "sequential"},
+                            {"streams": "joint"}]
             if space == "weight":
                 variants = [{"granularity": g} for g in ("tensor", "block", "joint")]
             if guess in ("gaussian", "rademacher") and space != "span":
@@ -81,7 +82,7 @@ def test_forward_and_reference_engines_agree(method, sample, data):
 def test_the_matrix_is_complete():
     names = {(m.target, m.guess, m.space) for m in METHODS}
     assert len(names) == 3 * 5 * 2 + 3 * 3  # span needs a head guess
-    assert len(METHODS) >= 80
+    assert len(METHODS) >= 100
 
 
 def _record(converted, x, y):

@@ -77,7 +77,7 @@ def resnet18(num_classes: int = 10, width: int = 64, skip: bool = True) -> ResNe
     cuts by balancing FLOPs); ``resnet18(skip=False)`` with ``blocks=model.paper_cuts()`` is its
     16-block setting (no skip connections).
 
-    Example:
+    Examples:
         >>> import torch, fwdtrans
         >>> fwdtrans.models.resnet18(width=8)(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 10])
