@@ -225,8 +225,10 @@ class _Sweep:
         if method.space == "weight":
             head_grads = None
             if method.guess in ("local", "ntk", "fixed-ntk"):
-                head_grads = torch.autograd.grad(b.out, params, b.g, retain_graph=True, allow_unused=True)
+                head_grads = torch.autograd.grad(b.out, params, b.g, retain_graph=not self.forward, allow_unused=True)
                 head_grads = [torch.zeros_like(p) if gp is None else gp for p, gp in zip(params, head_grads)]
+            if self.forward:  # weight estimates need no pull-back: free the block's activations now
+                b.out = b.out.detach()
             b.directions, b.normalise = weight_guess(method, params, head_grads, model.generator)
             b.units = [[i] for i in range(len(params))] if method.granularity == "tensor" else [list(range(len(params)))]
         else:
