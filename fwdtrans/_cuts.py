@@ -64,6 +64,8 @@ def find_cut_points(traced: Traced) -> list[CutPoint]:
         shape = traced.info[n].shape
         if live != {n} or n.op == "placeholder" or not shape or shape[0] != batch:
             continue
+        if any(_in_place(u, traced) for u in n.users):  # the next block would overwrite this block's output
+            continue
         # name the point after the deepest module that ends here, not counting the leaf layer itself
         modules = sorted((s for s, end in scope_end.items() if end == i), key=lambda s: -s.count("."))
         containers = [s for s in modules if not (n.op == "call_module" and s == n.target)]
@@ -74,6 +76,14 @@ def find_cut_points(traced: Traced) -> list[CutPoint]:
         points.append(CutPoint(name, aliases, n, shape, flops, params, memory))
         flops = params = memory = 0
     return points
+
+
+def _in_place(node: fx.Node, traced: Traced) -> bool:
+    """Whether ``node`` may write into its input (``ReLU(inplace=True)``, ``x.add_(...)``, ``F.relu(x, inplace=True)``)."""
+    if node.op == "call_module":
+        return bool(getattr(traced.root.get_submodule(node.target), "inplace", False))
+    name = getattr(node.target, "__name__", str(node.target))
+    return node.kwargs.get("inplace", False) is True or (name.endswith("_") and not name.endswith("__"))
 
 
 def _balanced(costs: list[float], tail: float, count: int) -> list[int]:
