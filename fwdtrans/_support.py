@@ -94,7 +94,7 @@ def check_forward_ad(blocks: list[fx.GraphModule], example_inputs: tuple[Tensor,
                             f"in module '{where or 'the top level'}': {str(error).splitlines()[0]}\n"
                             "A tangent stream must cross it. Fixes: cut the model so that it falls in the first block "
                             "(activity-space tangents start after block 0), replace it with an equivalent that has "
-                            "forward AD (see the docs' support matrix), or use engine='reference'."
+                            "forward AD (the docs' 'Converting your model' page lists them), or use engine='reference'."
                         ) from None
             with torch.no_grad():
                 h = (block(*h),)
