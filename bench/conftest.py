@@ -18,8 +18,15 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# OpenMP threads that spin while waiting collapse when another job holds a core: on 2 cores a
+# 2-thread step runs ~7x slower while a test suite runs next to it. Passive waiting keeps figures
+# usable on a shared machine; export OMP_WAIT_POLICY=ACTIVE on an idle one to measure spinning.
+# Read when OpenMP starts, i.e. when torch is imported: hence before the import.
+_OMP_PRESET = "torch" in sys.modules
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 THREADS = 2
 torch.set_num_threads(THREADS)
@@ -95,7 +102,22 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "fwdtrans": getattr(fwdtrans, "__version__", None),
+        "omp_wait_policy": _omp_policy(),
+        "max_loadavg_1m": max(_LOADS, default=None),
     }
+
+
+_LOADS: list[float] = []  # 1-minute load average after each benchmark
+
+
+def _omp_policy() -> str:
+    policy = os.environ.get("OMP_WAIT_POLICY", "")
+    return f"{policy} (torch imported before bench/conftest.py: may not apply)" if _OMP_PRESET else policy
+
+
+def pytest_runtest_teardown(item):
+    if hasattr(os, "getloadavg"):
+        _LOADS.append(os.getloadavg()[0])
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
@@ -132,3 +154,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line("forward engine vs reference engine (< 1: forward-mode AD is faster)")
         for line in engines:
             tr.write_line(line)
+    tr.write_line("")
+    tr.write_line(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+                  f"OMP_WAIT_POLICY={_omp_policy()}")
+    busy = max(_LOADS, default=0.0)
+    if busy > (os.cpu_count() or 1) + 0.5:
+        tr.write_line(f"warning: the load average reached {busy:.1f} on {os.cpu_count()} CPUs: other jobs ran "
+                      "during the benchmark; prefer the paired ratios, or rerun on an idle machine", yellow=True)

@@ -64,21 +64,25 @@ def ratio_rows(benchmarks: list[dict]) -> list[dict]:
             "median_s": median,
             "ratio_backprop": median / base if median and base else None,
             "ratio_plain": median / plain if median and plain else None,
+            "ratio_paired": extra.get("paired_ratio_to_backprop"),
         })
     return rows
 
 
 def engine_rows(rows: list[dict]) -> list[dict]:
     """Forward vs reference engine for every (family, guess) measured with both."""
-    pairs: dict[tuple[str, str], dict[str, float]] = {}
+    pairs: dict[tuple[str, str], dict[str, dict]] = {}
     for r in rows:
         if r["family"] and r["engine"] and r["median_s"]:
-            pairs.setdefault((r["family"], r["guess"]), {})[r["engine"]] = r["median_s"]
+            pairs.setdefault((r["family"], r["guess"]), {})[r["engine"]] = r
     out = []
     for (family, guess), by in pairs.items():
         if "forward" in by and "reference" in by:
-            out.append({"family": family, "guess": guess, "forward_s": by["forward"], "reference_s": by["reference"],
-                        "forward_over_reference": by["forward"] / by["reference"]})
+            f, ref = by["forward"], by["reference"]
+            paired = f["ratio_paired"] / ref["ratio_paired"] if f["ratio_paired"] and ref["ratio_paired"] else None
+            out.append({"family": family, "guess": guess, "forward_s": f["median_s"], "reference_s": ref["median_s"],
+                        "forward_over_reference": f["median_s"] / ref["median_s"],
+                        "forward_over_reference_paired": paired})
     return out
 
 
@@ -93,17 +97,34 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
 
 
 def ratio_table(rows: list[dict]) -> list[str]:
-    """``case | median ms | ratio to backprop | ratio to plain backprop`` as markdown lines."""
-    return _table(["case", "median ms", "ratio to backprop", "ratio to plain backprop"],
-                  [[f"`{r['case']}`", _num(r["median_s"] and r["median_s"] * 1e3, ".1f"),
-                    _num(r["ratio_backprop"], ".2f"), _num(r["ratio_plain"], ".2f")] for r in rows])
+    """``case | median ms | ratio to backprop | ratio to plain backprop | paired ratio to backprop``.
+
+    The last column (interleaved backprop steps, see ``test_step_time.py``) is left out when no
+    row has it (JSON from another suite version).
+    """
+    paired = any(r["ratio_paired"] is not None for r in rows)
+    header = ["case", "median ms", "ratio to backprop", "ratio to plain backprop"]
+    body = [[f"`{r['case']}`", _num(r["median_s"] and r["median_s"] * 1e3, ".1f"),
+             _num(r["ratio_backprop"], ".2f"), _num(r["ratio_plain"], ".2f")] for r in rows]
+    if paired:
+        header.append("paired ratio to backprop")
+        for line, r in zip(body, rows):
+            line.append(_num(r["ratio_paired"], ".2f"))
+    return _table(header, body)
 
 
 def engine_table(rows: list[dict]) -> list[str]:
-    """``family | guess | forward ms | reference ms | forward / reference`` as markdown lines."""
-    return _table(["family", "guess", "forward ms", "reference ms", "forward / reference"],
-                  [[e["family"], e["guess"], f"{e['forward_s'] * 1e3:.1f}", f"{e['reference_s'] * 1e3:.1f}",
-                    f"{e['forward_over_reference']:.2f}"] for e in engine_rows(rows)])
+    """``family | guess | forward ms | reference ms | forward / reference`` (+ the paired quotient)."""
+    engines = engine_rows(rows)
+    paired = any(e["forward_over_reference_paired"] is not None for e in engines)
+    header = ["family", "guess", "forward ms", "reference ms", "forward / reference"]
+    body = [[e["family"], e["guess"], f"{e['forward_s'] * 1e3:.1f}", f"{e['reference_s'] * 1e3:.1f}",
+             f"{e['forward_over_reference']:.2f}"] for e in engines]
+    if paired:  # quotient of the two paired ratios to backprop
+        header.append("forward / reference (paired)")
+        for line, e in zip(body, engines):
+            line.append(_num(e["forward_over_reference_paired"], ".2f"))
+    return _table(header, body)
 
 
 def machine_lines(data: dict) -> list[str]:
@@ -119,6 +140,8 @@ def machine_lines(data: dict) -> list[str]:
         ("CPU", cpu.get("brand_raw") or info.get("processor") or info.get("machine")),
         ("CPU count", cpu_count),
         ("torch threads", fw.get("torch_threads") or first.get("threads")),
+        ("OMP_WAIT_POLICY", fw.get("omp_wait_policy")),
+        ("highest 1-minute load average", _num(fw.get("max_loadavg_1m"), ".2f").replace("n/a", "")),
         ("torch", fw.get("torch") or first.get("torch")),
         ("python", info.get("python_version")),
         ("fwdtrans", fw.get("fwdtrans") or first.get("fwdtrans")),
@@ -133,7 +156,9 @@ def markdown(data: dict) -> str:
     rows = ratio_rows(data.get("benchmarks", []))
     lines = ["# fwdtrans step time", "", *machine_lines(data), "",
              "Median time of one training step (`compute_gradients`); ratios divide by the medians of "
-             f"`{BACKPROP}` (fwdtrans, guess=global) and `{PLAIN}` (the unconverted model) from the same run.", "",
+             f"`{BACKPROP}` (fwdtrans, guess=global) and `{PLAIN}` (the unconverted model) from the same run. "
+             "The paired ratio is the median over rounds of the step's time over a backprop step timed just "
+             "before it (robust to load that changes during the run).", "",
              *ratio_table(rows)]
     engines = engine_table(rows)
     if len(engines) > 2:

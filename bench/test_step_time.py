@@ -4,6 +4,9 @@ Setup: ResNet-18 width 16, batch 64 of 3x32x32, 10 classes, 8 blocks, CNN heads 
 2 threads, seeded. Each case is timed with ``benchmark.pedantic``: one untimed warm-up call (first
 call overheads: allocator, vmap/jvp set-up, lazy initialisation), then ``FWDTRANS_BENCH_ROUNDS``
 timed calls (``FWDTRANS_BENCH_SLOW_ROUNDS`` for ``slow`` cases, which take minutes per step).
+Before every round (warm-up included) one fwdtrans backprop step is timed outside the benchmark's
+clock: ``paired_ratio_to_backprop`` is the median over rounds of case time / backprop time of the
+same round, which follows the machine's load far better than a ratio of medians taken minutes apart.
 The smoke run (``--benchmark-disable``) calls the step of the ``smoke`` cases once; see conftest.
 
 Groups:
@@ -19,6 +22,9 @@ Groups:
 from __future__ import annotations
 
 import dataclasses
+import os
+import statistics
+import time
 import warnings
 
 import pytest
@@ -53,10 +59,13 @@ GUESSES = ("local", "ntk", "gaussian")
 ENGINES = ("forward", "reference")
 
 
+BACKPROP = dict(target="global", guess="global")
+
+
 def _cases() -> list[Case]:
     cases = [
         Case("plain-backprop", "baselines", None),
-        Case("backprop", "baselines", dict(target="global", guess="global")),
+        Case("backprop", "baselines", BACKPROP),
         Case("flagship", "baselines", dict(target="global", guess="local", space="activity", engine="forward")),
         Case("local", "baselines", dict(target="local", guess="local")),
     ]
@@ -90,7 +99,7 @@ def _param(case: Case):
     return pytest.param(case, id=case.id, marks=marks)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(SEED)
     x = torch.randn(BATCH, 3, 32, 32, generator=g)
@@ -101,6 +110,29 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 def _model() -> torch.nn.Module:
     torch.manual_seed(SEED)
     return fwdtrans.models.resnet18(num_classes=CLASSES, width=WIDTH).train()
+
+
+def _convert(model: torch.nn.Module, x: torch.Tensor, method: dict):
+    return fwdtrans.convert(model, x[:2], blocks=BLOCKS, heads=fwdtrans.heads.CNNHead(width=HEAD_WIDTH), seed=SEED,
+                            **method)
+
+
+@pytest.fixture(scope="session")
+def backprop_step(batch):
+    """A timed fwdtrans backprop step, run before every timed round of every case (untimed by the
+    benchmark): the paired ratio compares each round with backprop measured seconds before it."""
+    x, y = batch
+    built = []  # converted on first use: the smoke run never needs it
+
+    def timed() -> float:
+        if not built:
+            built.append(_convert(_model(), x, BACKPROP))
+            built[0].compute_gradients(x, y)  # warm-up
+        start = time.perf_counter()
+        built[0].compute_gradients(x, y)
+        return time.perf_counter() - start
+
+    return timed
 
 
 def _streams(converted, method) -> int | None:
@@ -116,7 +148,7 @@ def _streams(converted, method) -> int | None:
 
 
 @pytest.mark.parametrize("case", [_param(c) for c in CASES])
-def test_step(benchmark, case: Case, batch, rounds, slow_rounds):
+def test_step(benchmark, case: Case, batch, rounds, slow_rounds, backprop_step):
     x, y = batch
     model = _model()
     extra = {"case": case.id, "family": case.family, "setup": SETUP, "torch": torch.__version__,
@@ -135,8 +167,7 @@ def test_step(benchmark, case: Case, batch, rounds, slow_rounds):
     else:
         with warnings.catch_warnings(record=True) as caught:  # fwdtrans's "propagates N tangent streams"
             warnings.simplefilter("always", UserWarning)  # other categories keep pytest's filters
-            converted = fwdtrans.convert(model, x[:2], blocks=BLOCKS, heads=fwdtrans.heads.CNNHead(width=HEAD_WIDTH),
-                                         seed=SEED, **case.method)
+            converted = _convert(model, x, case.method)
         method = converted.method
         extra.update(
             method=method.describe(), engine=method.engine, kind=method.kind, guess=case.method["guess"],
@@ -154,7 +185,25 @@ def test_step(benchmark, case: Case, batch, rounds, slow_rounds):
     n = slow_rounds if case.slow else rounds
     extra["rounds"] = n
     benchmark.extra_info.update(extra)
-    benchmark.pedantic(step, rounds=n, warmup_rounds=1, iterations=1)
+    if benchmark.enabled:  # interleave: one backprop step (untimed by the benchmark) before each round
+        times, backprop_times = [], []
+
+        def timed_step():
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+
+        benchmark.pedantic(timed_step, setup=lambda: backprop_times.append(backprop_step()), rounds=n,
+                           warmup_rounds=1, iterations=1)
+        pairs = list(zip(times[-n:], backprop_times[-n:]))  # the timed rounds, warm-up left out
+        benchmark.extra_info.update(
+            paired_backprop_median_ms=1e3 * statistics.median(b for _, b in pairs),
+            paired_ratio_to_backprop=statistics.median(t / b for t, b in pairs),
+        )
+    else:  # smoke run: the step once
+        benchmark.pedantic(step, rounds=n, warmup_rounds=1, iterations=1)
+    if hasattr(os, "getloadavg"):  # > CPU count: other jobs competed with this case
+        benchmark.extra_info["loadavg_1m"] = os.getloadavg()[0]
 
     trained = model.parameters() if case.method is None else converted.blocks.parameters()
     grads = [p.grad for p in trained]
