@@ -2,10 +2,9 @@
 
 * Settings: 2 torch threads, float32, seeded data, ``FWDTRANS_BENCH_ROUNDS`` /
   ``FWDTRANS_BENCH_SLOW_ROUNDS`` timed rounds (after one untimed warm-up call).
-* Smoke run (``--benchmark-disable``, the default in pyproject): every case runs its step once, and
-  only the cases marked ``smoke`` run (the others are skipped) unless ``FWDTRANS_BENCH_ALL=1``. A
-  benchmark run (``--benchmark-enable``) runs every case; ``-m "not slow"`` leaves out the cases that
-  take minutes per step.
+* Smoke run (``--benchmark-disable``, the default in pyproject): every case runs its step once,
+  except the ``slow`` ones (skipped unless ``FWDTRANS_BENCH_ALL=1``). A benchmark run
+  (``--benchmark-enable``) runs every case; ``-m "not slow"`` leaves the slow ones out there too.
 * At the end of a benchmark run every case's median is divided by the medians of ``backprop`` and
   ``plain-backprop`` from the same session: printed as a table, and stored in the JSON's
   ``extra_info`` (``ratio_to_backprop``, ``ratio_to_plain_backprop``).
@@ -66,18 +65,18 @@ def _benchmarks_disabled(config) -> bool:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "smoke: a case of the smoke run (--benchmark-disable)")
-    config.addinivalue_line("markers", "slow: a case that takes minutes per step (FWDTRANS_BENCH_SLOW_ROUNDS rounds)")
+    config.addinivalue_line("markers", "slow: tens of seconds per step: FWDTRANS_BENCH_SLOW_ROUNDS timed rounds, "
+                                       "skipped in the smoke run (--benchmark-disable) unless FWDTRANS_BENCH_ALL=1")
 
 
 def pytest_collection_modifyitems(config, items):
     if not _benchmarks_disabled(config) or os.environ.get("FWDTRANS_BENCH_ALL", "") not in ("", "0"):
         return
-    skip = pytest.mark.skip(reason="not in the smoke run: set FWDTRANS_BENCH_ALL=1, or benchmark with "
-                                   "--benchmark-enable")
+    skip = pytest.mark.skip(reason="slow case, not in the smoke run: set FWDTRANS_BENCH_ALL=1, or benchmark "
+                                   "with --benchmark-enable")
     here = Path(__file__).parent
     for item in items:
-        if Path(item.path).is_relative_to(here) and not item.get_closest_marker("smoke"):
+        if Path(item.path).is_relative_to(here) and item.get_closest_marker("slow"):
             item.add_marker(skip)
 
 

@@ -3,11 +3,11 @@
 Setup: ResNet-18 width 16, batch 64 of 3x32x32, 10 classes, 8 blocks, CNN heads width 8, float32,
 2 threads, seeded. Each case is timed with ``benchmark.pedantic``: one untimed warm-up call (first
 call overheads: allocator, vmap/jvp set-up, lazy initialisation), then ``FWDTRANS_BENCH_ROUNDS``
-timed calls (``FWDTRANS_BENCH_SLOW_ROUNDS`` for ``slow`` cases, which take minutes per step).
+timed calls (``FWDTRANS_BENCH_SLOW_ROUNDS`` for ``slow`` cases, 20-80 s per step on 2 cores).
 Before every round (warm-up included) one fwdtrans backprop step is timed outside the benchmark's
 clock: ``paired_ratio_to_backprop`` is the median over rounds of case time / backprop time of the
 same round, which follows the machine's load far better than a ratio of medians taken minutes apart.
-The smoke run (``--benchmark-disable``) calls the step of the ``smoke`` cases once; see conftest.
+The smoke run (``--benchmark-disable``) calls the step of every case but the ``slow`` ones once.
 
 Groups:
 
@@ -44,8 +44,7 @@ class Case:
     group: str
     method: dict | None  # convert()'s method keywords; None: the plain, unconverted model
     family: str | None = None  # space family of the matrix cases
-    smoke: bool = True  # runs in the smoke run (--benchmark-disable)
-    slow: bool = False  # minutes per step: FWDTRANS_BENCH_SLOW_ROUNDS timed rounds
+    slow: bool = False  # tens of seconds per step: FWDTRANS_BENCH_SLOW_ROUNDS rounds, not in the smoke run
 
 
 FAMILIES = {  # family -> (space, granularity)
@@ -76,14 +75,10 @@ def _cases() -> list[Case]:
             for engine in ENGINES:
                 # slow: the reference engine reads activity/span values per output sample (a batched
                 # backward of B cotangents per block: about B times backprop's work), and the forward
-                # engine in span space propagates B tangent streams per block (448 here)
+                # engine in span space propagates B tangent streams per block (448 here; ~15 GB)
                 slow = space == "span" or (engine == "reference" and space == "activity")
-                # smoke run: one case per family and engine (guess=local), every guess once in
-                # activity space (forward engine; activity-local-forward is the flagship); never a slow case
-                smoke = not slow and (guess == "local" or (space == "activity" and engine == "forward"))
-                smoke = smoke and f"{family}-{guess}-{engine}" != "activity-local-forward"
                 method = dict(target="global", guess=guess, space=space, granularity=granularity, engine=engine)
-                cases.append(Case(f"{family}-{guess}-{engine}", family, method, family, smoke, slow))
+                cases.append(Case(f"{family}-{guess}-{engine}", family, method, family, slow))
     return cases
 
 
@@ -92,8 +87,6 @@ CASES = _cases()
 
 def _param(case: Case):
     marks = [pytest.mark.benchmark(group=case.group)]
-    if case.smoke:
-        marks.append(pytest.mark.smoke)
     if case.slow:
         marks.append(pytest.mark.slow)
     return pytest.param(case, id=case.id, marks=marks)
