@@ -9,7 +9,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 from ._converted import Converted, convert
 from ._data import ImageDataset, batches, load_cifar10, num_batches
 from ._errors import FwdTransError
+from ._method import Method
 from .heads import AutoHead, CNNHead, HeadSpec, LinearHead, MLPHead
 from .models import resnet18
 
@@ -103,10 +104,8 @@ def _build(config: TrainConfig, data: ImageDataset) -> Converted:
     # the paper's settings: 8 blocks = one residual block each, 16 blocks = one layer each, no skips
     model = resnet18(num_classes=len(data.classes), width=config.width, skip=config.blocks != 16)
     blocks = model.paper_cuts() if config.blocks in (8, 16) else config.blocks
-    return convert(model, data.train_x[:2].float(), blocks=blocks, heads=config.head_spec(),
-                   target=config.target, guess=config.guess, space=config.space, granularity=config.granularity,
-                   tangents=config.tangents, aggregation=config.aggregation, per_sample=config.per_sample,
-                   engine=config.engine, streams=config.streams, seed=config.seed)
+    method = {f.name: getattr(config, f.name) for f in fields(Method)}  # the run's method options
+    return convert(model, data.train_x[:2].float(), blocks=blocks, heads=config.head_spec(), seed=config.seed, **method)
 
 
 def train(config: TrainConfig, *, out: str | os.PathLike | None = None,
