@@ -4,8 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
+# bench-page's inputs and output: make bench-page BENCH_JSON=bench/results-scaling.json MEMORY_JSON=
+BENCH_JSON ?= bench/results.json bench/results-scaling.json
+MEMORY_JSON ?= bench/results-memory.json
+PAGE ?= docs/performance-results.md
 
-.PHONY: demo test bench docs clean
+.PHONY: demo test bench bench-scaling bench-memory bench-page docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +24,21 @@ test: $(STAMP)
 	$(PY) -m pytest
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir site
 
-bench: $(STAMP)
-	$(PY) -m pytest bench --benchmark-enable --benchmark-only --benchmark-json bench/results.json
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m pytest bench/test_step_time.py --benchmark-enable --benchmark-only --benchmark-json bench/results.json
+
+bench-scaling: $(BENCH_STAMP)
+	$(PY) -m pytest bench/test_scaling.py --benchmark-enable --benchmark-only --benchmark-json bench/results-scaling.json
+
+bench-memory: $(BENCH_STAMP)
+	$(PY) bench/memory.py --width 16 --batch 128 --blocks 16 --json bench/results-memory.json
+
+bench-page: $(BENCH_STAMP)
+	$(PY) bench/make_page.py $(BENCH_JSON) $(foreach f,$(MEMORY_JSON),--memory $(f)) -o $(PAGE)
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve

@@ -1,12 +1,14 @@
 """Shared setup of the step-time benchmarks, and the ratio-to-backprop table.
 
 * Settings: 2 torch threads, float32, seeded data, ``FWDTRANS_BENCH_ROUNDS`` /
-  ``FWDTRANS_BENCH_SLOW_ROUNDS`` timed rounds (after one untimed warm-up call).
+  ``FWDTRANS_BENCH_SLOW_ROUNDS`` timed rounds (after one untimed warm-up call; ``test_scaling.py``
+  uses ``FWDTRANS_BENCH_ROUNDS`` throughout).
 * Smoke run (``--benchmark-disable``, the default in pyproject): every case runs its step once,
   except the ``slow`` ones (skipped unless ``FWDTRANS_BENCH_ALL=1``). A benchmark run
   (``--benchmark-enable``) runs every case; ``-m "not slow"`` leaves the slow ones out there too.
 * At the end of a benchmark run every case's median is divided by the medians of ``backprop`` and
-  ``plain-backprop`` from the same session: printed as a table, and stored in the JSON's
+  ``plain-backprop`` with the same setup (``extra_info["setup"]``: J, width and mode in
+  ``test_scaling.py``) from the same session: printed as tables, and stored in the JSON's
   ``extra_info`` (``ratio_to_backprop``, ``ratio_to_plain_backprop``).
 """
 
@@ -65,8 +67,8 @@ def _benchmarks_disabled(config) -> bool:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: tens of seconds per step: FWDTRANS_BENCH_SLOW_ROUNDS timed rounds, "
-                                       "skipped in the smoke run (--benchmark-disable) unless FWDTRANS_BENCH_ALL=1")
+    config.addinivalue_line("markers", "slow: skipped in the smoke run (--benchmark-disable) unless FWDTRANS_BENCH_ALL=1;"
+                                       " test_step_time.py: FWDTRANS_BENCH_SLOW_ROUNDS timed rounds")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -143,16 +145,25 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not entries:
         return
     rows = report.ratio_rows(entries)
+    flat = [r for r in rows if r["blocks"] is None]
     tr = terminalreporter
     tr.write_sep("=", "fwdtrans step time: ratios to backprop (medians, same run)")
-    for line in report.ratio_table(rows):
-        tr.write_line(line)
-    engines = report.engine_table(rows)
-    if len(engines) > 2:
-        tr.write_line("")
-        tr.write_line("forward engine vs reference engine (< 1: forward-mode AD is faster)")
-        for line in engines:
+    if flat:
+        for line in report.ratio_table(flat):
             tr.write_line(line)
+        engines = report.engine_table(flat)
+        if len(engines) > 2:
+            tr.write_line("")
+            tr.write_line("forward engine vs reference engine (< 1: forward-mode AD is faster)")
+            for line in engines:
+                tr.write_line(line)
+    for title, table in report.scaling_tables(rows):  # test_scaling.py: per (width, mode), J as columns
+        tr.write_line("")
+        tr.write_line(f"{title}: ratio to backprop with the same J, width and mode")
+        for line in table:
+            tr.write_line(line)
+    for line in report.batched_vs_loop(rows):
+        tr.write_line(line)
     tr.write_line("")
     tr.write_line(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
                   f"OMP_WAIT_POLICY={_omp_policy()}")

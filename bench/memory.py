@@ -1,15 +1,19 @@
 """Peak memory of one training step per method, each case in a fresh process, as a ratio to backprop.
 
 Usage:
-    python bench/memory.py [--width 16] [--batch 128] [--blocks 16] [--json OUT]
+    python bench/memory.py [--width 16] [--batch 128] [--blocks 16] [--device cpu|cuda] [--cases ...] [--json OUT]
 
 CPU: the process's peak resident set (``ru_maxrss``) during two steps, minus the resident set after
 the model, the conversion and the batch were built. CUDA (``--device cuda``): the allocator's peak.
+A case that fails (e.g. ``flagship-recompute`` before ``convert(..., recompute=True)`` exists) is
+reported with its error; the others still run. ``--json`` writes the configuration, torch version,
+device, date and rows atomically (``bench/make_page.py --memory`` turns it into a table).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import resource
 import subprocess
@@ -23,6 +27,8 @@ CASES = {
     "weight-block": {"target": "global", "guess": "local", "space": "weight", "granularity": "block"},
     "weight-joint": {"target": "global", "guess": "local", "space": "weight", "granularity": "joint"},
     "local": {"target": "local", "guess": "local"},
+    # convert(..., recompute=True): activity-space recomputation of the block forwards
+    "flagship-recompute": {"target": "global", "guess": "local", "space": "activity", "recompute": True},
 }
 
 
@@ -64,29 +70,46 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--blocks", type=int, default=16)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, metavar="CASE",
+                        help=f"default: all of {', '.join(CASES)}")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(args.child, args.width, args.batch, args.blocks, args.device)))
         return
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: torch {torch.__version__} sees no GPU (torch.cuda.is_available() is False)")
     rows = []
-    for case in CASES:
+    for case in args.cases:
         out = subprocess.run([sys.executable, __file__, "--child", case, "--width", str(args.width), "--batch",
                               str(args.batch), "--blocks", str(args.blocks), "--device", args.device],
-                             capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    base = next(r["peak_bytes"] for r in rows if r["case"] == "backprop")
-    print(f"ResNet-18 width {args.width}, batch {args.batch}, {args.blocks} blocks, {args.device}")
+                             check=False, capture_output=True, text=True)
+        if out.returncode:
+            rows.append({"case": case, "error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]})
+        else:
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = next((r["peak_bytes"] for r in rows if r["case"] == "backprop" and "peak_bytes" in r), None)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"ResNet-18 width {args.width}, batch {args.batch}, {args.blocks} blocks, {device}")
     print(f"{'case':<22} {'peak MiB':>9} {'/ backprop':>10}")
     for r in rows:
-        r["ratio"] = r["peak_bytes"] / base
-        print(f"{r['case']:<22} {r['peak_bytes'] / 2**20:>9.1f} {r['ratio']:>10.2f}")
+        if "error" in r:
+            print(f"{r['case']:<22} failed: {r['error']}")
+            continue
+        r["ratio"] = r["peak_bytes"] / base if base else None
+        ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        print(f"{r['case']:<22} {r['peak_bytes'] / 2**20:>9.1f} {ratio:>10}")
     if args.json:
         from fwdtrans._train import write_json
 
-        write_json(args.json, {"config": vars(args), "rows": rows})
+        config = {k: getattr(args, k) for k in ("width", "batch", "blocks", "device", "cases")}
+        write_json(args.json, {"config": config, "torch": torch.__version__, "device_name": device,
+                               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                               "rows": rows})
 
 
 if __name__ == "__main__":

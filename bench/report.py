@@ -1,4 +1,4 @@
-"""Ratio tables from a pytest-benchmark JSON of the fwdtrans step-time suite.
+"""Ratio tables from a pytest-benchmark JSON of the fwdtrans step-time suites.
 
 Usage::
 
@@ -7,8 +7,10 @@ Usage::
 
 Every case's median step time is divided by the median of the ``backprop`` case (fwdtrans,
 ``guess="global"``) and of the ``plain-backprop`` case (the unconverted model) measured in the same
-run, so the ratios compare like with like even when the machine is loaded. A second table puts the
-forward engine next to the reference engine for every space/guess family.
+run with the same setup (``extra_info["setup"]``: for ``test_scaling.py`` the number of blocks J, the
+width and eager/compiled), so the ratios compare like with like even when the machine is loaded. A
+second table puts the forward engine next to the reference engine for every space/guess family;
+``test_scaling.py``'s cases get one table per (width, mode) with J as columns.
 
 ``bench/conftest.py`` imports this file to print the same tables at the end of a benchmark run and
 to store the ratios in the JSON's ``extra_info``; it only needs the standard library.
@@ -40,21 +42,30 @@ def _median(bench: dict) -> float | None:
     return float(median) if median is not None else None
 
 
+def _setup(bench: dict) -> str | None:
+    return (bench.get("extra_info") or {}).get("setup")
+
+
 def ratio_rows(benchmarks: list[dict]) -> list[dict]:
     """One row per benchmark (in run order): case, group, median seconds, and both ratios.
 
     ``benchmarks`` are dicts shaped like the JSON's ``benchmarks`` entries (``stats.median``,
-    ``extra_info``, ``group``, ``name``). A ratio is ``None`` when its baseline was not run.
+    ``extra_info``, ``group``, ``name``). Baselines are looked up among the cases with the same
+    ``extra_info["setup"]``; a ratio is ``None`` when its baseline was not run.
     """
-    medians = {_case(b): _median(b) for b in benchmarks}
-    base, plain = medians.get(BACKPROP), medians.get(PLAIN)
+    medians = {(_setup(b), _case(b)): _median(b) for b in benchmarks}
     rows = []
     for b in benchmarks:
-        case, median = _case(b), _median(b)
+        case, median, setup = _case(b), _median(b), _setup(b)
+        base, plain = medians.get((setup, BACKPROP)), medians.get((setup, PLAIN))
         extra = b.get("extra_info") or {}
         rows.append({
             "case": case,
             "group": b.get("group"),
+            "setup": setup,
+            "blocks": extra.get("blocks"),  # test_scaling.py: J, width, eager/compiled
+            "width": extra.get("width"),
+            "mode": extra.get("mode"),
             "method": extra.get("method"),
             "engine": extra.get("engine"),
             "family": extra.get("family"),
@@ -86,11 +97,11 @@ def engine_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _num(value: float | None, fmt: str) -> str:
+def num(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
-def _table(header: list[str], body: list[list[str]]) -> list[str]:
+def table(header: list[str], body: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in body]
@@ -104,13 +115,13 @@ def ratio_table(rows: list[dict]) -> list[str]:
     """
     paired = any(r["ratio_paired"] is not None for r in rows)
     header = ["case", "median ms", "ratio to backprop", "ratio to plain backprop"]
-    body = [[f"`{r['case']}`", _num(r["median_s"] and r["median_s"] * 1e3, ".1f"),
-             _num(r["ratio_backprop"], ".2f"), _num(r["ratio_plain"], ".2f")] for r in rows]
+    body = [[f"`{r['case']}`", num(r["median_s"] and r["median_s"] * 1e3, ".1f"),
+             num(r["ratio_backprop"], ".2f"), num(r["ratio_plain"], ".2f")] for r in rows]
     if paired:
         header.append("paired ratio to backprop")
         for line, r in zip(body, rows):
-            line.append(_num(r["ratio_paired"], ".2f"))
-    return _table(header, body)
+            line.append(num(r["ratio_paired"], ".2f"))
+    return table(header, body)
 
 
 def engine_table(rows: list[dict]) -> list[str]:
@@ -123,11 +134,42 @@ def engine_table(rows: list[dict]) -> list[str]:
     if paired:  # quotient of the two paired ratios to backprop
         header.append("forward / reference (paired)")
         for line, e in zip(body, engines):
-            line.append(_num(e["forward_over_reference_paired"], ".2f"))
-    return _table(header, body)
+            line.append(num(e["forward_over_reference_paired"], ".2f"))
+    return table(header, body)
 
 
-def machine_lines(data: dict) -> list[str]:
+def scaling_tables(rows: list[dict]) -> list[tuple[str, list[str]]]:
+    """``test_scaling.py``'s ratios to backprop: ``(title, table)`` per (width, mode), a row per
+    method and a column per J; the backprop cells also give backprop's median."""
+    scaled = [r for r in rows if r["blocks"] is not None]
+    out = []
+    for width, mode in sorted({(r["width"], r["mode"]) for r in scaled}, key=lambda k: (k[0], k[1] != "eager")):
+        cells = {(r["case"], r["blocks"]): r for r in scaled if (r["width"], r["mode"]) == (width, mode)}
+        js = sorted({j for _, j in cells})
+        body = []
+        for case in dict.fromkeys(c for c, _ in cells):
+            line = [f"`{case}`"]
+            for j in js:
+                r = cells.get((case, j))
+                text = "—" if r is None else num(r["ratio_backprop"], ".2f")
+                if r is not None and case == BACKPROP and r["median_s"]:
+                    text += f" ({r['median_s'] * 1e3:.0f} ms)"
+                line.append(text)
+            body.append(line)
+        out.append((f"width {width}, {mode}", table(["method", *(f"J={j}" for j in js)], body)))
+    return out
+
+
+def batched_vs_loop(rows: list[dict]) -> list[str]:
+    """``flagship`` (per-block streams, batched) over ``flagship-sequential`` (a loop of per-block
+    JVPs), for every setup that ran both."""
+    by = {(r["setup"], r["case"]): r for r in rows if r["median_s"]}
+    return [f"{r['setup']}: batched streams / loop of per-block JVPs = "
+            f"{by[(setup, 'flagship')]['median_s'] / r['median_s']:.2f}"
+            for (setup, case), r in by.items() if case == "flagship-sequential" and (setup, "flagship") in by]
+
+
+def machine_items(data: dict) -> list[tuple[str, object]]:
     """Where and when the figures were measured, from the JSON's ``machine_info`` and first benchmark."""
     info = data.get("machine_info") or {}
     cpu = info.get("cpu") or {}
@@ -141,31 +183,54 @@ def machine_lines(data: dict) -> list[str]:
         ("CPU count", cpu_count),
         ("torch threads", fw.get("torch_threads") or first.get("threads")),
         ("OMP_WAIT_POLICY", fw.get("omp_wait_policy")),
-        ("highest 1-minute load average", _num(fw.get("max_loadavg_1m"), ".2f").replace("n/a", "")),
+        ("highest 1-minute load average", num(fw.get("max_loadavg_1m"), ".2f").replace("n/a", "")),
         ("torch", fw.get("torch") or first.get("torch")),
         ("python", info.get("python_version")),
         ("fwdtrans", fw.get("fwdtrans") or first.get("fwdtrans")),
-        ("setup", first.get("setup")),
+        ("device", first.get("device")),
+        ("setup", first.get("setup") if len({e.get("setup") for e in extras}) == 1 else None),
         ("commit", (data.get("commit_info") or {}).get("id")),
     ]
-    return [f"- {k}: {v}" for k, v in items if v not in (None, "")]
+    return [(k, v) for k, v in items if v not in (None, "")]
+
+
+def machine_lines(data: dict) -> list[str]:
+    return [f"- {k}: {v}" for k, v in machine_items(data)]
+
+
+def sections(rows: list[dict]) -> list[str]:
+    """Markdown for ``rows``: ``test_step_time.py``'s ratio and engine tables, then
+    ``test_scaling.py``'s tables (one per width and mode) and the batched-vs-loop quotients."""
+    flat = [r for r in rows if r["blocks"] is None]
+    lines = []
+    if flat:
+        lines += ["## Every method family", "",
+                  ("Median time of one training step (`compute_gradients`); ratios divide by the medians of "
+                   f"`{BACKPROP}` (fwdtrans, guess=global) and `{PLAIN}` (the unconverted model) from the same run. "
+                   "The paired ratio is the median over rounds of the step's time over a backprop step timed just "
+                   "before it (robust to load that changes during the run)."), "", *ratio_table(flat)]
+        engines = engine_table(flat)
+        if len(engines) > 2:
+            lines += ["", "## Forward engine vs reference engine", "",
+                      ("`forward / reference` < 1: forward-mode AD is faster than simulating the same estimator "
+                       "with backprop."), "", *engines]
+    tables = scaling_tables(rows)
+    if tables:
+        lines += [*([""] if lines else []), "## Scaling with the number of blocks J", "",
+                  ("Median step time over backprop's with the same J, width and mode (eager, or "
+                   "`compute_gradients(x, y, compile=True)`: compiled over compiled backprop).")]
+        for title, table in tables:
+            lines += ["", f"### {title}", "", *table]
+        loop = batched_vs_loop(rows)
+        if loop:
+            lines += ["", *(f"- {line}" for line in loop)]
+    return lines
 
 
 def markdown(data: dict) -> str:
-    """The full report: machine info, the ratio table and the engine table."""
+    """The full report: machine info, then :func:`sections`."""
     rows = ratio_rows(data.get("benchmarks", []))
-    lines = ["# fwdtrans step time", "", *machine_lines(data), "",
-             "Median time of one training step (`compute_gradients`); ratios divide by the medians of "
-             f"`{BACKPROP}` (fwdtrans, guess=global) and `{PLAIN}` (the unconverted model) from the same run. "
-             "The paired ratio is the median over rounds of the step's time over a backprop step timed just "
-             "before it (robust to load that changes during the run).", "",
-             *ratio_table(rows)]
-    engines = engine_table(rows)
-    if len(engines) > 2:
-        lines += ["", "## Forward engine vs reference engine", "",
-                  "`forward / reference` < 1: forward-mode AD is faster than simulating the same estimator "
-                  "with backprop.", "", *engines]
-    return "\n".join(lines) + "\n"
+    return "\n".join(["# fwdtrans step time", "", *machine_lines(data), "", *sections(rows)]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
