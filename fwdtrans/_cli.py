@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="official CIFAR-10 python folder; default: the 5,000/1,000-image subset shipped inside fwdtrans")
         p.add_argument("--limit", type=int, default=0, help="use only the first N training images")
         p.add_argument("--out", default=None, help="JSON summary path (written atomically)")
+        p.add_argument("--compile", action="store_true", help="compile the step with torch.compile (first step: minutes)")
         if name == "train":
             p.add_argument("--target", default=defaults.target, choices=_method.TARGETS)
             p.add_argument("--guess", default=defaults.guess, choices=_method.GUESSES)
@@ -57,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--per-sample", default=defaults.per_sample, choices=_method.PER_SAMPLE)
             p.add_argument("--engine", default=defaults.engine, choices=_method.ENGINES)
             p.add_argument("--streams", default=defaults.streams, choices=_method.STREAMS)
+            p.add_argument("--recompute", action="store_true", help="recompute block forwards for the pull-backs")
     return parser
 
 

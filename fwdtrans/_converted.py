@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -47,6 +49,8 @@ class Converted(nn.Module):
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)  # random guesses and NTK re-initialisation
         self.math_attention = False  # set by convert when the flash attention kernel lacks forward AD
+        self.cut_shapes: tuple[tuple[int, ...], ...] = ()  # per-sample shape of each block output but the last
+        self._compiled = None
 
     def _apply(self, fn, recurse=True):  # keep the generator on the parameters' device
         result = super()._apply(fn, recurse)
@@ -83,11 +87,12 @@ class Converted(nn.Module):
         self.load_state_dict({own[k]: v for k, v in state.items() if k in own}, strict=False)
         self.unused = {k: v.detach().clone() for k, v in state.items() if k not in own}
 
-    def compute_gradients(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def compute_gradients(self, x: Tensor, y: Tensor, *, compile: bool = False) -> dict[str, Tensor]:
         """Write the method's gradient into ``p.grad`` of every trained parameter; return metrics.
 
         Metrics are detached 0-d tensors: ``loss`` (global loss), ``accuracy``, and
-        ``loss/head{j}`` for the heads that were run.
+        ``loss/head{j}`` for the heads that were run. ``compile=True``: see
+        [`train_step`][fwdtrans.Converted.train_step].
         """
         if y.dtype != torch.long or y.dim() != 1 or y.shape[0] != x.shape[0]:
             raise FwdTransError(f"labels must be an int64 vector of length {x.shape[0]}, got {y.dtype} {tuple(y.shape)}.")
@@ -97,11 +102,23 @@ class Converted(nn.Module):
                 f"got values in [{int(y.min())}, {int(y.max())}]. Fix: remap the labels or change the model's output size."
             )
         with attention_context(self.math_attention):
-            return _engine.compute_gradients(self, x, y)
+            return _engine.compute_gradients(self, x, y, compile=compile)
 
-    def train_step(self, optimizer: torch.optim.Optimizer, *,
-                   diagnostics: bool = False) -> Callable[[Tensor, Tensor], dict[str, Tensor]]:
+    def compiled_gradients(self) -> Callable:
+        """The step's gradient function compiled with ``torch.compile(fullgraph=True)`` (built once;
+        torch recompiles it when the method, shapes or dtypes change)."""
+        if self._compiled is None:
+            self._compiled = torch.compile(functools.partial(_engine.gradients, self), fullgraph=True)
+        return self._compiled
+
+    def train_step(self, optimizer: torch.optim.Optimizer, *, diagnostics: bool = False,
+                   compile: bool = False) -> Callable[[Tensor, Tensor], dict[str, Tensor]]:
         """A function ``step(x, y) -> metrics`` that computes the gradients and applies ``optimizer``.
+
+        With ``compile=True`` the whole gradient computation (forward sweep, tangent streams,
+        projections, pull-backs) is one ``torch.compile(fullgraph=True)`` graph: the first step
+        compiles (tens of seconds to minutes on a CPU), later steps reuse it. Noise guesses are drawn
+        before the compiled call, so compiled and eager steps use the same numbers.
 
         With ``diagnostics=True`` the metrics also hold, per block, ``cosine/block{j}`` (estimate vs
         target gradient), ``norm_ratio/block{j}`` and ``guess_cosine/block{j}`` (the paper's Eq. 6),
@@ -111,7 +128,7 @@ class Converted(nn.Module):
 
         def step(x: Tensor, y: Tensor) -> dict[str, Tensor]:
             extra = check(self, (x, y)).metrics() if diagnostics else {}
-            metrics = self.compute_gradients(x, y)
+            metrics = self.compute_gradients(x, y, compile=compile)
             metrics.update({k: torch.tensor(v) for k, v in extra.items()})
             if not torch.isfinite(metrics["loss"]):
                 raise FwdTransError(
@@ -140,6 +157,7 @@ def convert(
     per_sample: str = "by-loss",
     engine: str = "forward",
     streams: str = "per-block",
+    recompute: bool = False,
     seed: int = 0,
     leaf_modules: Iterable[type] = (),
     autowrap_functions: Iterable[Callable] = (),
@@ -172,6 +190,7 @@ def convert(
         engine: ``"forward"`` (forward-mode AD) or ``"reference"`` (simulated with backprop).
         streams: how the forward engine schedules tangents: ``"per-block"``, ``"joint"`` or
             ``"sequential"``.
+        recompute: recompute each block's forward for its pull-back instead of storing it.
         seed: seeds the step's random guesses and NTK re-initialisations.
         leaf_modules: module classes to keep whole when tracing (escape hatch for untraceable code).
         autowrap_functions: free functions to record as single calls when tracing (einops layers
@@ -188,7 +207,7 @@ def convert(
         >>> converted.cut_names
         ('layer1.0', 'layer1.1', 'layer2.0', 'layer2.1', 'layer3.0', 'layer3.1', 'layer4.0')
     """
-    method = Method(target, guess, space, granularity, tangents, aggregation, per_sample, engine, streams)
+    method = Method(target, guess, space, granularity, tangents, aggregation, per_sample, engine, streams, recompute)
     if isinstance(example_inputs, Tensor):
         example_inputs = (example_inputs,)
     traced = trace(model, tuple(example_inputs), leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
@@ -206,6 +225,7 @@ def convert(
     head_modules = [build_head(heads, cut.shape[1:], num_classes, name=cut.name, block_flops=cost["flops"] // batch)
                     for cut, cost in zip(cuts, costs)]
     converted = Converted(modules, head_modules, [c.name for c in cuts], method, num_classes, seed)
+    converted.cut_shapes = tuple(tuple(c.shape[1:]) for c in cuts)
     converted.original_keys = tuple(model.state_dict())
     used = {converted.original_name(k) for k in converted.state_dict() if k.startswith("blocks.")}
     converted.unused = {k: v.detach().clone() for k, v in traced.root.state_dict().items() if k not in used}

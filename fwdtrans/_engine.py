@@ -1,79 +1,98 @@
-"""The tangent engine: every parameter's gradient for one batch.
+"""The tangent engine: every parameter's gradient for one batch, from ``torch.func`` alone.
 
-One forward sweep runs the blocks in order. After each block (but the last) its head gives the
-local loss, its gradient ``g = dl/dh`` and the block's Gradient Guess (``_guesses``). Each guess
-opens a *bundle* of tangent streams at the block (the guess itself in activity space, its image
-``J_theta v`` in weight space) that ends at the block's target: its own output (local target), the
-next block's output (intermediate) or the logits (global). Where a bundle ends its streams are
-contracted with the target's cotangent, giving directional derivatives ``d``.
+One forward sweep runs the blocks in order, each as a pure function of its parameters under
+``torch.func.vjp``, which keeps the block's pull-back for the block-local update. After each block
+(but the last) its head gives the local loss, its gradient ``g = dl/dh`` and the block's Gradient
+Guess (``_guesses``). Each guess opens a *bundle* of tangent streams at the block (the guess itself
+in activity space, its image ``J_theta v`` in weight space) that ends at the block's target: its own
+output (local target), the next block's output (intermediate) or the logits (global). Where a bundle
+ends its streams are contracted with the target's cotangent, giving directional derivatives ``d``.
 
 * ``engine="forward"``: the streams ride along the sweep by forward-mode AD (``torch.func.jvp``
-  under ``vmap`` over all open streams, primal computed once per block). No backward pass crosses a
-  cut: blocks see detached inputs.
-* ``engine="reference"``: the same ``d`` from backprop, as the paper's code computes it.
+  under ``vmap`` over all open streams, primal computed once per block). No pull-back crosses a
+  cut.
+* ``engine="reference"``: the same ``d`` from backprop (the block pull-backs chained back from each
+  target), as the paper's code computes it.
 
 Both engines then share ``_projection`` (estimate per projection unit) and the update: activity
 estimates are pulled back through their block only; weight estimates are the gradients. The last
 block always gets the exact gradient of the global loss.
 
-BatchNorm in train mode cannot mutate its running statistics inside ``torch.func.jvp``: blocks
-are called functionally with buffers cloned inside the transform, and the new statistics are
-copied back once, so they are updated exactly once per step, as in eager mode.
+The step is a pure function ``gradients(model, inputs, y, noise) -> (grads, buffers, metrics)``:
+no ``torch.autograd`` call, no state written, so ``torch.compile(fullgraph=True)`` captures it whole.
+BatchNorm buffers are cloned inside each block call and the new statistics returned, so they are
+updated exactly once per step, as in eager mode.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vmap
+from torch.func import functional_call, jvp, vjp, vmap
 
 from . import _projection
 from ._errors import FwdTransError
-from ._guesses import activity_guess, reinitialise, weight_guess
+from ._guesses import activity_guess, draw_noise, reinitialise, weight_guess
 
-__all__ = ["compute_gradients", "push"]
+__all__ = ["compute_gradients", "gradients", "push"]
 
-
-# ----------------------------------------------------------------------------- tangent pushing
-def _functional(block: nn.Module) -> tuple[Callable, dict[str, Tensor], dict[str, Tensor]]:
-    """``block`` as a pure function ``(params, h) -> (out, new_buffers)`` (buffers cloned inside)."""
-    params = dict(block.named_parameters())
-    buffers = dict(block.named_buffers())
-
-    def f(p: dict[str, Tensor], h: Tensor):
-        fresh = {k: b.clone() for k, b in buffers.items()}
-        return functional_call(block, (p, fresh), (h,)), fresh
-
-    return f, params, buffers
+State = tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]  # trained params, frozen params, buffers
 
 
-def push(block: nn.Module, h: Tensor, streams: Tensor, update_buffers: bool = True) -> tuple[Tensor, Tensor]:
+# ----------------------------------------------------------------------------- blocks as functions
+def state(module: nn.Module) -> State:
+    """A module's trained parameters, frozen parameters and buffers, by name."""
+    params = dict(module.named_parameters())
+    trained = {k: p for k, p in params.items() if p.requires_grad}
+    return trained, {k: p for k, p in params.items() if not p.requires_grad}, dict(module.named_buffers())
+
+
+def _call(module: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], *args: Tensor):
+    """``module(*args)`` with ``params``; returns ``(out, new_buffers)`` (buffers cloned, never mutated)."""
+    fresh = {k: b.clone() for k, b in buffers.items()}
+    return functional_call(module, (params, fresh), args), fresh
+
+
+def _norm_affine(block: nn.Module) -> tuple[str, ...]:
+    """Names of the affine parameters of ``block``'s normalisation layers."""
+    return tuple(f"{name}.{k}" for name, m in block.named_modules()
+                 if isinstance(m, nn.modules.batchnorm._NormBase) for k, _ in m.named_parameters(recurse=False))
+
+
+def push(block: nn.Module, h: Tensor, streams: Tensor, st: State | None = None) -> tuple[Tensor, Tensor, dict]:
     """Run ``block`` on ``h`` and push the tangent ``streams`` (``(S, *h.shape)``) through it.
 
-    The primal output is computed once and keeps its autograd graph to the block's parameters
-    (unless grad mode is off); the block's buffers are updated once (if ``update_buffers``).
+    Returns ``(out, tangents, new_buffers)``; the primal is computed once, dropout draws one mask for
+    the primal and every stream. Under ``torch.compile`` the normalisation layers' affine parameters
+    join the ``jvp`` primals with zero tangents: torch 2.13 fails to compile a BatchNorm whose input
+    carries a tangent while its weight does not (pytorch/pytorch#139756).
     """
-    f, params, buffers = _functional(block)
-    out, tangents, new = vmap(lambda t: jvp(lambda x: f(params, x), (h,), (t,), has_aux=True),
+    trained, frozen, buffers = st or state(block)
+    params = {**frozen, **trained}
+    dual = {k: params[k] for k in _norm_affine(block) if k in params} if torch.compiler.is_compiling() else {}
+    zeros = {k: torch.zeros_like(v) for k, v in dual.items()}
+
+    def f(x, d):
+        return _call(block, {**params, **d}, buffers, x)
+
+    out, tangents, new = vmap(lambda t: jvp(f, (h, dual), (t, zeros), has_aux=True),
                               out_dims=(None, 0, 0), randomness="same")(streams)
-    if update_buffers:
-        with torch.no_grad():
-            for k, b in buffers.items():
-                b.copy_(new[k][0])
-    return out, tangents
+    return out, tangents, {k: b[0] for k, b in new.items()}
 
 
-def _push_params(block: nn.Module, h: Tensor, directions: list[Tensor]) -> Tensor:
-    """``J_theta block(h) . v`` for each of the ``S`` parameter directions (``(S, *p)`` per parameter)."""
-    f, params, _ = _functional(block)
-    names = list(params)
+def _push_params(block: nn.Module, h: tuple[Tensor, ...], directions: list[Tensor], st: State | None = None) -> Tensor:
+    """``J_theta block(h) . v`` for each of the ``S`` directions (``(S, *p)`` per trained parameter)."""
+    trained, frozen, buffers = st or state(block)
+    names = list(trained)
 
     def one(*v):
-        return jvp(lambda *p: f(dict(zip(names, p)), h)[0], tuple(params.values()), v)[1]
+        return jvp(lambda *p: _call(block, {**frozen, **dict(zip(names, p))}, buffers, *h)[0],
+                   tuple(trained.values()), v)[1]
 
     return vmap(one, randomness="same")(*directions)
 
@@ -82,6 +101,8 @@ def _push_params(block: nn.Module, h: Tensor, directions: list[Tensor]) -> Tenso
 @dataclass
 class _Block:
     out: Tensor
+    inputs: tuple[Tensor, ...]
+    pull: Callable | None = None  # the block's vjp: cotangent of out -> (params[, input]) cotangents
     head_loss: Tensor | None = None  # mean head loss
     g: Tensor | None = None  # d head_loss / d out
     directions: list[Tensor] | Tensor | None = None  # activity (k, B, *h); weight [(k, *p)] per parameter
@@ -91,225 +112,287 @@ class _Block:
     target: list[Tensor] | None = None  # reference engine: the target gradient in z-space
 
 
-def _stream_directions(method, block: _Block, params: list[Tensor]) -> tuple[Tensor | list[Tensor], str]:
-    """The bundle's streams in z-space (activity ``(S, B, *h)``, weight ``[(S, *p)]``) and its read."""
+def _per_sample(method) -> bool:
+    """Whether a bundle's values are read per output sample (else summed over the batch)."""
+    return method.space == "span" or (method.space == "activity" and method.per_sample == "by-loss")
+
+
+def _stream_directions(method, block: _Block) -> Tensor | list[Tensor]:
+    """The bundle's streams in z-space: activity ``(S, B, *h)``, weight ``[(S, *p)]``."""
     v = block.directions
     if method.space == "weight":
-        units = block.units
         streams = []
-        for i, p in enumerate(params):
-            rows = [v[i] if i in unit else torch.zeros_like(v[i]) for unit in units]
+        for i, vi in enumerate(v):
+            rows = [vi if i in unit else torch.zeros_like(vi) for unit in block.units]
             streams.append(torch.cat(rows))  # stream (unit, tangent)
-        return streams, "sum"
+        return streams
     if method.space == "span":
         u = v[0]
-        return u[:, None].expand(-1, *u.shape).contiguous(), "sample"  # stream m: u_m at every sample
+        return u[:, None].expand(-1, *u.shape).contiguous()  # stream m: u_m at every sample
     if method.per_sample == "exact":
         k, batch = v.shape[:2]
         eye = torch.eye(batch, dtype=v.dtype, device=v.device).view(1, batch, batch, *([1] * (v.dim() - 2)))
-        return (eye * v[:, :, None]).flatten(0, 1), "sum"  # stream (i, n): v_i,n at sample n only
-    return v, "sample"
+        return (eye * v[:, :, None]).flatten(0, 1)  # stream (i, n): v_i,n at sample n only
+    return v
 
 
-def _contract(tangents: Tensor, cotangent: Tensor, read: str) -> Tensor:
-    """``<cotangent_m, tangent_s,m>`` per stream s and output sample m; summed over m for ``"sum"``."""
-    values = (tangents.detach() * cotangent.detach()).flatten(2).sum(-1)
-    return values.sum(-1) if read == "sum" else values
+def _contract(tangents: Tensor, cotangent: Tensor, per_sample: bool) -> Tensor:
+    """``<cotangent_m, tangent_s,m>`` per stream s and output sample m; summed over m unless ``per_sample``."""
+    values = (tangents * cotangent).flatten(2).sum(-1)
+    return values if per_sample else values.sum(-1)
+
+
+def _rows(cotangent: Tensor) -> Tensor:
+    """``(B, B, ...)``: row m holds sample m's cotangent, zeros elsewhere."""
+    batch = cotangent.shape[0]
+    eye = torch.eye(batch, dtype=cotangent.dtype, device=cotangent.device)
+    return eye.view(batch, batch, *([1] * (cotangent.dim() - 1))) * cotangent
 
 
 # ----------------------------------------------------------------------------- the step
-def compute_gradients(model, x: Tensor, y: Tensor, record: dict | None = None) -> dict[str, Tensor]:
-    """Fill ``p.grad`` for every parameter the method trains; return detached metrics.
+def compute_gradients(model, x: Tensor, y: Tensor, record: dict | None = None, compile: bool = False) -> dict[str, Tensor]:
+    """Fill ``p.grad`` for every parameter the method trains, update buffers; return detached metrics.
 
     ``model`` is a :class:`fwdtrans.Converted`. Old gradients are cleared. ``record``, when given,
     receives per-block internals (targets, estimates, guesses) for :func:`fwdtrans.check`.
+    ``compile=True`` runs :func:`gradients` compiled with ``torch.compile(fullgraph=True)``.
     """
     for p in model.parameters():
         p.grad = None
-    method = model.method
-    if method.kind == "backprop":
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        return _metrics(loss, logits, y, [])
-    return _Sweep(model, x, y, record).run()
-
-
-def _metrics(loss: Tensor, logits: Tensor, y: Tensor, blocks: list[_Block]) -> dict[str, Tensor]:
-    metrics = {"loss": loss.detach(), "accuracy": (logits.detach().argmax(-1) == y).float().mean()}
-    for j, b in enumerate(blocks[:-1]):
-        if b.head_loss is not None:
-            metrics[f"loss/head{j}"] = b.head_loss.detach()
+    if model.method.guess == "ntk":
+        for head in model.heads:
+            reinitialise(head, model.generator)
+    noise = draw_noise(model, x.shape[0])
+    fn = model.compiled_gradients() if compile else functools.partial(gradients, model, record=record)
+    with torch.no_grad():  # torch.func transforms differentiate on their own
+        grads, buffers, metrics = fn((x,), y, noise)
+        for name, p in model.named_parameters():
+            p.grad = grads.get(name)
+        for name, b in model.named_buffers():
+            if name in buffers:
+                b.copy_(buffers[name])
     return metrics
 
 
-class _Sweep:
-    """One step of a ``local`` or ``projected`` method."""
+def gradients(model, inputs: tuple[Tensor, ...], y: Tensor, noise: list[list[Tensor]], record: dict | None = None):
+    """The step as a pure function: ``(grads, new_buffers, metrics)``, grads and buffers by name."""
+    return _Sweep(model, inputs, y, noise, record).run()
 
-    def __init__(self, model, x: Tensor, y: Tensor, record: dict | None):
-        self.model, self.x, self.y, self.record = model, x, y, record
-        self.method = model.method
-        self.forward = self.method.engine == "forward" and self.method.kind == "projected"
+
+class _Sweep:
+    """One step of any method."""
+
+    def __init__(self, model, inputs: tuple[Tensor, ...], y: Tensor, noise: list[list[Tensor]], record: dict | None):
+        self.model, self.inputs, self.y, self.noise, self.record = model, inputs, y, noise, record
+        self.method = method = model.method
+        self.forward = method.engine == "forward" and method.kind == "projected"
+        # backprop and the reference engine chain the block pull-backs: they differentiate block inputs too
+        self.chained = method.kind == "backprop" or (method.kind == "projected" and not self.forward)
+        self.states = [state(b) for b in model.blocks]
+        self.head_states = [state(h) for h in model.heads]
         self.blocks: list[_Block] = []
-        self.params = [list(b.parameters()) for b in model.blocks]
-        self.open: list[tuple[int, Tensor, str]] = []  # forward engine: (block, tangents, read)
-        self.pending: list[tuple[int, Tensor, str]] = []  # streams="sequential": pushed after the sweep
+        self.grads: dict[str, Tensor] = {}
+        self.buffers: dict[str, Tensor] = {}
+        self.open: list[tuple[int, Tensor]] = []  # forward engine: (block, tangents)
+        self.pending: list[tuple[int, Tensor]] = []  # streams="sequential": pushed after the sweep
         self.joint_total: Tensor | None = None  # the shared directional derivative of a joint method
 
+    def _save(self, prefix: str, tensors: dict[str, Tensor], into: dict[str, Tensor]) -> None:
+        into.update({f"{prefix}.{k}": v for k, v in tensors.items()})
+
     # -- the sweep
-    def run(self) -> dict[str, Tensor]:
+    def run(self):
         method, model, y = self.method, self.model, self.y
         last = len(model.blocks) - 1
-        if method.guess == "ntk":
-            for head in model.heads:
-                reinitialise(head, model.generator)
-        h = self.x
-        for j, block in enumerate(model.blocks):
-            tangents = torch.cat([t for _, t, _ in self.open]) if self.open else None
-            if tangents is None:
-                out = block(h)
-            else:
-                out, tangents = push(block, h, tangents)
-                self._split(tangents)
-            b = _Block(out)
+        h = self.inputs
+        for j in range(len(model.blocks)):
+            tangents = torch.cat([t for _, t in self.open]) if self.open else None
+            b, tangents = self._run(j, h, tangents)
             self.blocks.append(b)
-            if j < last:
+            if tangents is not None:
+                sizes = [t.shape[0] for _, t in self.open]
+                self.open = [(i, t) for (i, _), t in zip(self.open, tangents.split(sizes))]
+            if j < last and method.kind != "backprop":
                 self._head(j, b)
                 self._close(j, b.g)
                 if method.kind == "projected":
                     self._guess(j, b)
-            # the reference engine keeps one chained graph for the targets; the forward engine cuts
-            h = out if method.engine == "reference" and method.kind == "projected" else out.detach()
+                elif method.kind == "local":  # greedy local learning: the head loss trains the block
+                    self._pull_params(j, b.g)
+            h = (b.out,)
         logits = self.blocks[-1].out
-        loss = F.cross_entropy(logits, y)
-        if method.kind == "local":
-            torch.autograd.backward([loss, *(b.head_loss for b in self.blocks[:-1])])
-            return _metrics(loss, logits, y, self.blocks)
-        (grad_logits,) = torch.autograd.grad(loss, logits, retain_graph=True)
-        self.grad_logits = grad_logits
-        if self.forward:
-            for j, tangents, read in self.open:
-                self.blocks[j].values = _contract(tangents, grad_logits, read)
-            for j, origin, read in self.pending:
-                self.blocks[j].values = self._propagate(j, origin, read)
-            if method.joint and method.target == "global" and self.open:  # one stream carried every guess
-                self.joint_total = self.blocks[self.open[0][0]].values
-            elif method.joint:  # local or intermediate targets: each block's value was read at its own target
-                self.joint_total = sum(b.values for b in self.blocks[:-1])
+        loss, pull = vjp(lambda o: F.cross_entropy(o, y), logits)
+        (self.grad_logits,) = pull(torch.ones_like(loss))
+        if method.kind == "backprop":
+            self._backprop()
+        elif method.kind == "local":
+            self._pull_params(last, self.grad_logits)
         else:
-            for j in range(last):
-                self._reference_values(j)
-            if method.joint:
-                self.joint_total = sum(b.values for b in self.blocks[:-1])
-        self._apply(loss)
-        return _metrics(loss, logits, y, self.blocks)
+            if self.forward:
+                self._forward_values()
+            else:
+                self._reference_values()
+            self._apply()
+        return self.grads, self.buffers, self._metrics(loss, logits)
+
+    def _run(self, j: int, inputs: tuple[Tensor, ...], tangents: Tensor | None) -> tuple[_Block, Tensor | None]:
+        """Block ``j`` on ``inputs`` under ``vjp`` (pushing ``tangents`` if any); its new buffers are saved."""
+        block, (trained, frozen, buffers) = self.model.blocks[j], self.states[j]
+        chain = self.chained and j > 0
+
+        def f(p, *x):
+            x = x if chain else inputs
+            if tangents is None:
+                out, new = _call(block, {**frozen, **p}, buffers, *x)
+                return out, {"buffers": new}
+            out, t, new = push(block, x[0], tangents, (p, frozen, buffers))
+            return out, {"buffers": new, "tangents": t}
+
+        args = (trained, *(inputs if chain else ()))
+        if self.method.recompute and j < len(self.model.blocks) - 1:  # no pull-back kept: _pull recomputes it
+            (out, aux), pull = f(*args), None
+        else:
+            out, pull, aux = vjp(f, *args, has_aux=True)
+        new, tangents = aux["buffers"], aux.get("tangents")
+        self._save(f"blocks.{j}", new, self.buffers)
+        return _Block(out, inputs, pull), tangents
+
+    def _pull(self, j: int, cotangent: Tensor) -> tuple:
+        """Block ``j``'s vjp of ``cotangent``; recomputes the block's forward if it was not kept."""
+        b = self.blocks[j]
+        if b.pull is None:  # recompute=True: the same function, on the same inputs and buffers
+            block, (trained, frozen, buffers) = self.model.blocks[j], self.states[j]
+            return vjp(lambda p: _call(block, {**frozen, **p}, buffers, *b.inputs)[0], trained)[1](cotangent)
+        return b.pull(cotangent)
+
+    def _pull_params(self, j: int, cotangent: Tensor) -> None:
+        self._save(f"blocks.{j}", self._pull(j, cotangent)[0], self.grads)
+
+    def _back(self, k: int, cotangent: Tensor, batched: bool) -> Tensor:
+        """The cotangent at block ``k``'s input from one at its output (rows ``(R, *out)`` if ``batched``)."""
+        pull = self.blocks[k].pull
+        return vmap(lambda c: pull(c)[1])(cotangent) if batched else pull(cotangent)[1]
+
+    def _backprop(self) -> None:
+        cotangent = self.grad_logits
+        for k in range(len(self.blocks) - 1, -1, -1):
+            grads, *rest = self.blocks[k].pull(cotangent)
+            self._save(f"blocks.{k}", grads, self.grads)
+            cotangent = rest[0] if rest else None
 
     def _head(self, j: int, b: _Block) -> None:
-        method, head = self.method, self.model.heads[j]
-        if method.kind == "local":  # greedy local learning: the head loss trains block and head
-            b.head_loss = F.cross_entropy(head(b.out), self.y)
-            return
-        leaf = b.out.detach().requires_grad_()
-        b.head_loss = F.cross_entropy(head(leaf), self.y)
-        params = list(head.parameters()) if method.trains_heads else []
-        b.g, *grads = torch.autograd.grad(b.head_loss, [leaf, *params])
-        for p, gp in zip(params, grads):
-            p.grad = gp
+        head, (trained, frozen, buffers) = self.model.heads[j], self.head_states[j]
+        train = self.method.trains_heads
+
+        def f(o, p=trained):
+            logits, new = _call(head, {**frozen, **p}, buffers, o)
+            return F.cross_entropy(logits, self.y), new
+
+        b.head_loss, pull, new = vjp(f, b.out, *((trained,) if train else ()), has_aux=True)
+        b.g, *grads = pull(torch.ones_like(b.head_loss))
+        self._save(f"heads.{j}", new, self.buffers)
+        if train:
+            self._save(f"heads.{j}", grads[0], self.grads)
 
     def _guess(self, j: int, b: _Block) -> None:
-        method, model, params = self.method, self.model, self.params[j]
-        if method.space == "weight" and not params:  # nothing to estimate in a parameter-free block
+        method, model = self.method, self.model
+        trained = self.states[j][0]
+        if method.space == "weight" and not trained:  # nothing to estimate in a parameter-free block
             b.directions, b.units = [], [[]] if method.granularity == "joint" else []
             b.values = b.out.new_zeros(len(b.units) * method.tangents)
             return
         if method.space == "weight":
             head_grads = None
             if method.guess in ("local", "ntk", "fixed-ntk"):
-                head_grads = torch.autograd.grad(b.out, params, b.g, retain_graph=not self.forward, allow_unused=True)
-                head_grads = [torch.zeros_like(p) if gp is None else gp for p, gp in zip(params, head_grads)]
+                head_grads = list(self._pull(j, b.g)[0].values())
             if self.forward:  # weight estimates need no pull-back: free the block's activations now
-                b.out = b.out.detach()
-            b.directions, b.normalise = weight_guess(method, params, head_grads, model.generator)
-            b.units = [[i] for i in range(len(params))] if method.granularity == "tensor" else [list(range(len(params)))]
+                b.pull = None
+            b.directions, b.normalise = weight_guess(head_grads, self.noise[j])
+            b.units = [[i] for i in range(len(trained))] if method.granularity == "tensor" else [list(range(len(trained)))]
         else:
             try:
-                b.directions, b.normalise = activity_guess(method, j, b.out, b.g, self.y, model.generator)
+                b.directions, b.normalise = activity_guess(method, j, b.out, b.g, self.y, self.noise[j])
             except ValueError as e:
                 raise FwdTransError(f"guess callable: {e}") from None
         if not self.forward:
             return  # the reference engine derives every value after the sweep
-        streams, read = _stream_directions(method, b, params)
-        if method.space == "weight":
-            origin = _push_params(model.blocks[j], self.x if j == 0 else self.blocks[j - 1].out.detach(), streams)
-        else:
-            origin = streams
+        streams = _stream_directions(method, b)
+        origin = _push_params(model.blocks[j], b.inputs, streams, self.states[j]) if method.space == "weight" else streams
         if method.target == "local":
-            b.values = _contract(origin, b.g, read)
+            b.values = _contract(origin, b.g, _per_sample(method))
         elif method.streams == "sequential":
-            self.pending.append((j, origin, read))
+            self.pending.append((j, origin))
         elif method.joint and method.target == "global" and self.open:  # join the single stream here
-            first, tangents, read = self.open[0]
-            self.open[0] = (first, tangents + origin, read)
+            first, tangents = self.open[0]
+            self.open[0] = (first, tangents + origin)
         else:
-            self.open.append((j, origin, read))
-
-    def _propagate(self, j: int, origin: Tensor, read: str) -> Tensor:
-        """Push one bundle from block ``j`` to its target on its own, recomputing the primal."""
-        last = len(self.blocks) - 1
-        end = j + 1 if self.method.target == "intermediate" and j + 1 < last else last
-        h, tangents = self.blocks[j].out.detach(), origin
-        with torch.no_grad():
-            for k in range(j + 1, end + 1):
-                h, tangents = push(self.model.blocks[k], h, tangents, update_buffers=False)
-        return _contract(tangents, self.blocks[end].g if end < last else self.grad_logits, read)
-
-    def _split(self, tangents: Tensor) -> None:
-        sizes = [t.shape[0] for _, t, _ in self.open]
-        self.open = [(j, t, read) for (j, _, read), t in zip(self.open, tangents.split(sizes))]
+            self.open.append((j, origin))
 
     def _close(self, j: int, cotangent: Tensor) -> None:
         """End the bundles of block ``j - 1`` when its target is block ``j``'s head loss."""
         if self.method.target != "intermediate" or not self.forward:
             return
         keep = []
-        for origin, tangents, read in self.open:
+        for origin, tangents in self.open:
             if origin == j - 1:
-                self.blocks[origin].values = _contract(tangents, cotangent, read)
+                self.blocks[origin].values = _contract(tangents, cotangent, _per_sample(self.method))
             else:
-                keep.append((origin, tangents, read))
+                keep.append((origin, tangents))
         self.open = keep
 
-    # -- reference engine: the same values from backprop
-    def _terminal(self, j: int) -> tuple[Tensor, Tensor]:
-        last = len(self.blocks) - 1
-        target = self.method.target
-        if target == "local":
-            return self.blocks[j].out, self.blocks[j].g
-        if target == "intermediate" and j + 1 < last:
-            return self.blocks[j + 1].out, self.blocks[j + 1].g
-        return self.blocks[-1].out, self.grad_logits
+    # -- directional derivatives
+    def _forward_values(self) -> None:
+        method, per_sample = self.method, _per_sample(self.method)
+        for j, tangents in self.open:
+            self.blocks[j].values = _contract(tangents, self.grad_logits, per_sample)
+        for j, origin in self.pending:
+            self.blocks[j].values = self._propagate(j, origin)
+        if method.joint and method.target == "global" and self.open:  # one stream carried every guess
+            self.joint_total = self.blocks[self.open[0][0]].values
+        elif method.joint:  # local or intermediate targets: each block's value was read at its own target
+            self.joint_total = sum(b.values for b in self.blocks[:-1])
 
-    def _reference_values(self, j: int) -> None:
-        b, method = self.blocks[j], self.method
-        params = self.params[j]
-        if b.values is not None:  # a parameter-free block in weight space
-            return
-        streams, read = _stream_directions(method, b, params)
-        terminal, cotangent = self._terminal(j)
-        z = params if method.space == "weight" else [b.out]
-        if read == "sum":
-            grads = torch.autograd.grad(terminal, z, cotangent, retain_graph=True, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(z, grads)]
-            streams = streams if isinstance(streams, list) else [streams]
-            b.values = sum((s * g).flatten(1).sum(-1) for s, g in zip(streams, grads))
-            b.target = grads
-        else:
-            batch = cotangent.shape[0]
-            eye = torch.eye(batch, dtype=cotangent.dtype, device=cotangent.device)
-            rows = eye.view(batch, batch, *([1] * (cotangent.dim() - 1))) * cotangent  # cotangent of sample m only
-            (jac,) = torch.autograd.grad(terminal, z, rows, retain_graph=True, is_grads_batched=True)
-            b.values = torch.einsum("mnd,snd->sm", jac.flatten(2), streams.flatten(2))  # (S, B)
-            b.target = [jac.sum(0)]
+    def _propagate(self, j: int, origin: Tensor) -> Tensor:
+        """Push one bundle from block ``j`` to its target on its own, recomputing the primal."""
+        last = len(self.blocks) - 1
+        end = j + 1 if self.method.target == "intermediate" and j + 1 < last else last
+        h, tangents = self.blocks[j].out, origin
+        for k in range(j + 1, end + 1):
+            h, tangents, _ = push(self.model.blocks[k], h, tangents, self.states[k])
+        return _contract(tangents, self.blocks[end].g if end < last else self.grad_logits, _per_sample(self.method))
+
+    def _reference_values(self) -> None:
+        """The same values from the chained pull-backs: each target's cotangent at every block output."""
+        method, blocks = self.method, self.blocks
+        last = len(blocks) - 1
+        per_sample = _per_sample(method)
+        read = _rows if per_sample else (lambda c: c)
+        cot: list[Tensor | None] = [None] * last
+        if method.target == "global":  # one walk back from the logits reaches every block output
+            c = read(self.grad_logits)
+            for k in range(last, 0, -1):
+                cot[k - 1] = c = self._back(k, c, per_sample)
+        for j in range(last):
+            if method.target == "local":
+                cot[j] = read(blocks[j].g)
+            elif method.target == "intermediate":
+                cot[j] = self._back(j + 1, read(blocks[j + 1].g if j + 1 < last else self.grad_logits), per_sample)
+        for j, b in enumerate(blocks[:-1]):
+            if b.values is not None:  # a parameter-free block in weight space
+                continue
+            streams = _stream_directions(method, b)
+            if method.space == "weight":
+                grads = list(self._pull(j, cot[j])[0].values())
+                b.values = sum((s * g).flatten(1).sum(-1) for s, g in zip(streams, grads))
+                b.target = grads
+            elif per_sample:
+                b.values = torch.einsum("mnd,snd->sm", cot[j].flatten(2), streams.flatten(2))  # (S, B)
+                b.target = [cot[j].sum(0)]
+            else:
+                b.values = (streams * cot[j]).flatten(1).sum(-1)
+                b.target = [cot[j]]
+        if method.joint:
+            self.joint_total = sum(b.values for b in blocks[:-1])
 
     # -- estimates and updates
     def _estimate(self, j: int, values: Tensor) -> Tensor | list[Tensor]:
@@ -324,7 +407,7 @@ class _Sweep:
             d = values.view(k, batch) if method.per_sample == "exact" else values
             return _projection.combine(d, v.flatten(2), **agg).view_as(v[0])
         k = method.tangents
-        est = [torch.zeros_like(p) for p in self.params[j]]
+        est = [torch.zeros_like(vi[0]) for vi in v]
         for u_index, unit in enumerate(b.units):
             d = values[u_index * k:(u_index + 1) * k].view(k, 1)
             flat = torch.cat([v[i].flatten(1) for i in unit], dim=1)[:, None]  # (k, 1, D)
@@ -336,7 +419,7 @@ class _Sweep:
                 offset += n
         return est
 
-    def _apply(self, loss: Tensor) -> None:
+    def _apply(self) -> None:
         method, blocks = self.method, self.blocks
         last = len(blocks) - 1
         if method.space == "weight" and method.joint:
@@ -347,16 +430,12 @@ class _Sweep:
             ests = [self._estimate(j, blocks[j].values) for j in range(last)]
         if self.record is not None:
             self.record.update(blocks=blocks, estimates=ests)
-        chained = method.engine == "reference"
         for j, est in enumerate(ests):
-            params = self.params[j]
             if method.space == "weight":
-                for p, e in zip(params, est):
-                    p.grad = e.detach()
-            elif blocks[j].out.requires_grad and params:
-                torch.autograd.backward(blocks[j].out, est.detach(), inputs=params, retain_graph=chained)
-        if self.params[-1]:  # the last block: the exact gradient of the global loss
-            torch.autograd.backward(loss, inputs=self.params[-1])
+                self._save(f"blocks.{j}", dict(zip(self.states[j][0], est)), self.grads)
+            elif self.states[j][0]:
+                self._pull_params(j, est)
+        self._pull_params(last, self.grad_logits)  # the last block: the exact gradient of the global loss
 
     def _joint_estimate(self, j: int, total: Tensor) -> list[Tensor]:
         b, k = self.blocks[j], self.method.tangents
@@ -368,3 +447,10 @@ class _Sweep:
         else:
             scale = total
         return [(scale.view(k, *([1] * (vi.dim() - 1))) * vi).mean(0) for vi in v]
+
+    def _metrics(self, loss: Tensor, logits: Tensor) -> dict[str, Tensor]:
+        metrics = {"loss": loss, "accuracy": (logits.argmax(-1) == self.y).float().mean()}
+        for j, b in enumerate(self.blocks[:-1]):
+            if b.head_loss is not None:
+                metrics[f"loss/head{j}"] = b.head_loss
+        return metrics

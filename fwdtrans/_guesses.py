@@ -1,9 +1,9 @@
 """Gradient Guesses: the directions each block's target is projected on.
 
 A guess is produced during the forward sweep, from what the block computed (its output ``h``, its
-head's loss gradient ``g = dl/dh``, its parameters) and the step's random generator; both engines
-call the same code, so they use the same random draws. Adding a guess means adding a branch here
-(and its name in ``_method.GUESSES``).
+head's loss gradient ``g = dl/dh``, its parameters) and, for noise guesses, random draws made
+before the step by :func:`draw_noise` (so that an eager and a compiled step, and both engines, use
+the same numbers). Adding a guess means adding a branch here (and its name in ``_method.GUESSES``).
 """
 
 from __future__ import annotations
@@ -11,24 +11,38 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["activity_guess", "reinitialise", "weight_guess"]
+__all__ = ["activity_guess", "draw_noise", "reinitialise", "weight_guess"]
 
 
-def _noise(kind: str, shape: tuple[int, ...], like: Tensor, generator: torch.Generator) -> Tensor:
-    if kind == "gaussian":
-        return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
-    return torch.randint(0, 2, shape, generator=generator, device=like.device).to(like.dtype) * 2 - 1
+def draw_noise(model, batch: int) -> list[list[Tensor]]:
+    """The step's noise guesses, per block but the last: ``[(k, B, *h)]`` in activity space,
+    ``[(k, *p)]`` per trained parameter in weight space; empty lists for other guesses."""
+    method = model.method
+    blocks = model.blocks[:-1]
+    if method.kind != "projected" or method.guess not in ("gaussian", "rademacher"):
+        return [[] for _ in blocks]
+    like = next(model.parameters())
+
+    def draw(shape: tuple[int, ...]) -> Tensor:
+        if method.guess == "gaussian":
+            return torch.randn(shape, generator=model.generator, dtype=like.dtype, device=like.device)
+        return torch.randint(0, 2, shape, generator=model.generator, device=like.device).to(like.dtype) * 2 - 1
+
+    k = method.tangents
+    if method.space == "weight":
+        return [[draw((k, *p.shape)) for p in b.parameters() if p.requires_grad] for b in blocks]
+    return [[draw((k, batch, *shape))] for shape in model.cut_shapes]
 
 
-def activity_guess(method, j: int, h: Tensor, g: Tensor | None, y: Tensor, generator) -> tuple[Tensor, bool]:
+def activity_guess(method, j: int, h: Tensor, g: Tensor | None, y: Tensor, noise: list[Tensor]) -> tuple[Tensor, bool]:
     """Directions ``(k, B, *h)`` for block ``j`` and whether the projection normalises them."""
     if callable(method.guess):
         v = method.guess(j, h.detach(), y)
         if v.shape != h.shape:
             raise ValueError(f"the guess callable returned shape {tuple(v.shape)} for block {j}; expected {tuple(h.shape)}")
         return _unit(v.detach())[None], True
-    if method.guess in ("gaussian", "rademacher"):
-        return _noise(method.guess, (method.tangents, *h.shape), h, generator), False
+    if noise:
+        return noise[0], False
     return _unit(g)[None], True  # local, ntk, fixed-ntk: the head's loss gradient, normalised
 
 
@@ -39,10 +53,10 @@ def _unit(g: Tensor) -> Tensor:
     return g / norms.view(-1, *([1] * (g.dim() - 1)))
 
 
-def weight_guess(method, params: list[Tensor], head_grads: list[Tensor] | None, generator) -> tuple[list[Tensor], bool]:
+def weight_guess(head_grads: list[Tensor] | None, noise: list[Tensor]) -> tuple[list[Tensor], bool]:
     """Directions per parameter ``(k, *p)`` for one block and whether they are normalised."""
-    if method.guess in ("gaussian", "rademacher"):
-        return [_noise(method.guess, (method.tangents, *p.shape), p, generator) for p in params], False
+    if noise:
+        return noise, False
     return [gp[None] for gp in head_grads], True
 
 

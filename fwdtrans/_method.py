@@ -63,6 +63,8 @@ class Method:
             ``sum_j <dL/dh_j, u_j>``, as LocalFG; ~1 forward of tangent work; global target), or
             ``"sequential"`` (per-block streams pushed one at a time after the forward: low memory,
             slower). Weight space with ``granularity="joint"`` always uses one joint stream.
+        recompute: activity space, forward engine: keep only each block's input during the sweep
+            and recompute the block's forward for its pull-back (less memory, one more forward).
 
     Examples:
         >>> Method(target="global", guess="local", space="weight", granularity="block").kind
@@ -78,6 +80,7 @@ class Method:
     per_sample: str = "by-loss"
     engine: str = "forward"
     streams: str = "per-block"
+    recompute: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in (("target", TARGETS), ("space", SPACES), ("granularity", GRANULARITY),
@@ -108,6 +111,9 @@ class Method:
         if self.aggregation == "project" and self.tangents > 1 and self.joint:
             problems.append("aggregation='project' needs one projection unit per block or tensor: use "
                             "aggregation='mean' with a joint unit")
+        if self.recompute and (self.kind != "projected" or self.space == "weight" or self.engine != "forward"):
+            problems.append("recompute=True re-runs a block's forward for its activity-space pull-back: it applies "
+                            "to forward gradients with space='activity' or 'span' and engine='forward'")
         if self.streams == "joint":
             if self.target != "global":
                 problems.append("streams='joint' sums every block's directional derivative at the logits: it needs "
@@ -159,6 +165,8 @@ class Method:
             parts.append(f"streams={self.streams}")
         if self.engine != "forward":
             parts.append(f"engine={self.engine}")
+        if self.recompute:
+            parts.append("recompute=True")
         return "(" + ", ".join(parts) + ")"
 
     def to_dict(self) -> dict:

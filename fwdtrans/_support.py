@@ -33,13 +33,14 @@ def _crossed(method, j: int, block: nn.Module) -> bool:
     return j > 0 or (method.space == "weight" and any(True for _ in block.parameters()))
 
 
-def _probe(block: nn.Module, h: Tensor, weight: bool) -> None:
+def _probe(block: nn.Module, h: tuple[Tensor, ...], weight: bool) -> None:
     from ._engine import _push_params, push  # the engine's own code paths, run once
 
-    if weight and any(True for _ in block.parameters()):
-        _push_params(block, h, [torch.randn(1, *p.shape, dtype=p.dtype) for p in block.parameters()])
-    if h.is_floating_point():  # integer inputs (token ids) carry no tangent
-        push(block, h, torch.randn(1, *h.shape, dtype=h.dtype))
+    trained = [p for p in block.parameters() if p.requires_grad]
+    if weight and trained:
+        _push_params(block, h, [torch.randn(1, *p.shape, dtype=p.dtype, device=p.device) for p in trained])
+    if h[0].is_floating_point():  # integer inputs (token ids) carry no tangent
+        push(block, h[0], torch.randn(1, *h[0].shape, dtype=h[0].dtype, device=h[0].device))
 
 
 def _locate(block: fx.GraphModule, h: Tensor) -> tuple[fx.Node, Exception]:
@@ -78,11 +79,11 @@ def check_forward_ad(blocks: list[fx.GraphModule], example_inputs: tuple[Tensor,
         for j, block in enumerate(blocks):
             if _crossed(method, j, block):
                 try:
-                    _probe(block, h[0], method.space == "weight")
+                    _probe(block, h, method.space == "weight")
                 except Exception:  # noqa: BLE001 - any failure is located and reported below
                     try:
                         with attention_context(True):  # the flash attention kernel lacks forward AD
-                            _probe(block, h[0], method.space == "weight")
+                            _probe(block, h, method.space == "weight")
                         math_attention = True
                     except Exception:  # noqa: BLE001
                         node, error = _locate(block, h[0])

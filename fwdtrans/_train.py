@@ -47,6 +47,8 @@ class TrainConfig:
     per_sample: str = "by-loss"
     engine: str = "forward"
     streams: str = "per-block"
+    recompute: bool = False
+    compile: bool = False
     epochs: int = 3
     batch_size: int = 64
     lr: float = 0.05
@@ -128,7 +130,7 @@ def train(config: TrainConfig, *, out: str | os.PathLike | None = None,
                                 weight_decay=config.weight_decay)
     steps = config.epochs * num_batches(len(train_y), config.batch_size, drop_last=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    step = converted.train_step(optimizer)
+    step = converted.train_step(optimizer, compile=config.compile)
     generator = torch.Generator().manual_seed(config.seed)
     history = []
     start = time.perf_counter()
