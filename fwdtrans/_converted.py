@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 import functools
+import types
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +51,7 @@ class Converted(nn.Module):
         self.generator = torch.Generator().manual_seed(seed)  # random guesses and NTK re-initialisation
         self.math_attention = False  # set by convert when the flash attention kernel lacks forward AD
         self.cut_shapes: tuple[tuple[int, ...], ...] = ()  # per-sample shape of each block output but the last
-        self._compiled = None
+        self._compiled: dict[tuple, Callable] = {}
 
     def _apply(self, fn, recurse=True):  # keep the generator on the parameters' device
         result = super()._apply(fn, recurse)
@@ -87,7 +88,7 @@ class Converted(nn.Module):
         self.load_state_dict({own[k]: v for k, v in state.items() if k in own}, strict=False)
         self.unused = {k: v.detach().clone() for k, v in state.items() if k not in own}
 
-    def compute_gradients(self, x: Tensor, y: Tensor, *, compile: bool = False) -> dict[str, Tensor]:
+    def compute_gradients(self, x: Tensor, y: Tensor, *, compile: bool | Mapping = False) -> dict[str, Tensor]:
         """Write the method's gradient into ``p.grad`` of every trained parameter; return metrics.
 
         Metrics are detached 0-d tensors: ``loss`` (global loss), ``accuracy``, and
@@ -104,21 +105,32 @@ class Converted(nn.Module):
         with attention_context(self.math_attention):
             return _engine.compute_gradients(self, x, y, compile=compile)
 
-    def compiled_gradients(self) -> Callable:
-        """The step's gradient function compiled with ``torch.compile(fullgraph=True)`` (built once;
-        torch recompiles it when the method, shapes or dtypes change)."""
-        if self._compiled is None:
-            self._compiled = torch.compile(functools.partial(_engine.gradients, self), fullgraph=True)
-        return self._compiled
+    def compiled_gradients(self, options: Mapping | None = None) -> Callable:
+        """The step's gradient function, ``torch.compile(..., fullgraph=True, dynamic=False, **options)``;
+        built once per ``options`` (torch recompiles it when the method, shapes or dtypes change)."""
+        key = tuple(sorted((options or {}).items()))
+        if key not in self._compiled:
+            # dynamo keeps one cache (at most torch._dynamo.config.recompile_limit graphs) per code
+            # object: give each model's step a code object of its own, so models do not share it
+            fn = _engine.gradients
+            own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
+            self._compiled[key] = torch.compile(functools.partial(own, self), fullgraph=True,
+                                                **{"dynamic": False, **dict(key)})
+        return self._compiled[key]
+
+    def __getstate__(self):  # copies and pickles compile afresh: a compiled step is bound to this model
+        return {**super().__getstate__(), "_compiled": {}}
 
     def train_step(self, optimizer: torch.optim.Optimizer, *, diagnostics: bool = False,
-                   compile: bool = False) -> Callable[[Tensor, Tensor], dict[str, Tensor]]:
+                   compile: bool | Mapping = False) -> Callable[[Tensor, Tensor], dict[str, Tensor]]:
         """A function ``step(x, y) -> metrics`` that computes the gradients and applies ``optimizer``.
 
         With ``compile=True`` the whole gradient computation (forward sweep, tangent streams,
         projections, pull-backs) is one ``torch.compile(fullgraph=True)`` graph: the first step
-        compiles (tens of seconds to minutes on a CPU), later steps reuse it. Noise guesses are drawn
-        before the compiled call, so compiled and eager steps use the same numbers.
+        compiles (one to several minutes on a CPU), later steps reuse it. A mapping instead of
+        ``True`` is passed on to ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``). Noise guesses
+        are drawn before the compiled call, so compiled and eager steps use the same numbers; the
+        optimizer step runs eagerly.
 
         With ``diagnostics=True`` the metrics also hold, per block, ``cosine/block{j}`` (estimate vs
         target gradient), ``norm_ratio/block{j}`` and ``guess_cosine/block{j}`` (the paper's Eq. 6),

@@ -27,7 +27,7 @@ updated exactly once per step, as in eager mode.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -150,12 +150,12 @@ def _rows(cotangent: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- the step
-def compute_gradients(model, x: Tensor, y: Tensor, record: dict | None = None, compile: bool = False) -> dict[str, Tensor]:
+def compute_gradients(model, x: Tensor, y: Tensor, record: dict | None = None, compile=False) -> dict[str, Tensor]:
     """Fill ``p.grad`` for every parameter the method trains, update buffers; return detached metrics.
 
     ``model`` is a :class:`fwdtrans.Converted`. Old gradients are cleared. ``record``, when given,
     receives per-block internals (targets, estimates, guesses) for :func:`fwdtrans.check`.
-    ``compile=True`` runs :func:`gradients` compiled with ``torch.compile(fullgraph=True)``.
+    ``compile`` (``True`` or ``torch.compile`` options) runs :func:`gradients` compiled whole.
     """
     for p in model.parameters():
         p.grad = None
@@ -163,7 +163,10 @@ def compute_gradients(model, x: Tensor, y: Tensor, record: dict | None = None, c
         for head in model.heads:
             reinitialise(head, model.generator)
     noise = draw_noise(model, x.shape[0])
-    fn = model.compiled_gradients() if compile else functools.partial(gradients, model, record=record)
+    if compile:
+        fn = model.compiled_gradients(compile if isinstance(compile, Mapping) else None)
+    else:
+        fn = functools.partial(gradients, model, record=record)
     with torch.no_grad():  # torch.func transforms differentiate on their own
         grads, buffers, metrics = fn((x,), y, noise)
         for name, p in model.named_parameters():

@@ -1,0 +1,68 @@
+"""``compile=True``: the whole step is one ``torch.compile(fullgraph=True)`` graph (a graph break
+raises), and it computes what the eager step computes, checked in float64.
+
+Compiling is slow on a CPU (about a minute per method for these small models), so the cases are
+few: the paper's ResNet-18 with the flagship method on the default backend (inductor), and the
+other method families on a small BatchNorm CNN with ``aot_eager`` (the same captured graph and
+autograd tracing, without code generation).
+"""
+
+import copy
+
+import pytest
+import torch
+from models import Generated
+
+import fwdtrans
+
+
+def _compare(converted, x, y, options, steps: int = 2):
+    eager, compiled = converted, copy.deepcopy(converted)
+    for _ in range(steps):  # the second step runs from the first one's buffers and draws
+        m_eager = eager.compute_gradients(x, y)
+        m_compiled = compiled.compute_gradients(x, y, compile=options)
+        for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+            assert (p.grad is None) == (q.grad is None), name
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+        for (name, b), c in zip(eager.named_buffers(), compiled.buffers()):
+            torch.testing.assert_close(c, b, rtol=1e-9, atol=1e-12, msg=name)
+        assert m_compiled.keys() == m_eager.keys()
+        for k in m_eager:
+            torch.testing.assert_close(m_compiled[k], m_eager[k], rtol=1e-9, atol=1e-12)
+
+
+def test_compiled_flagship_on_resnet18_equals_eager_in_float64(float64):
+    torch.manual_seed(0)
+    model = fwdtrans.models.resnet18(width=4)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    converted = fwdtrans.convert(model, x[:2], blocks=4, heads="linear")
+    _compare(converted, x, y, True, steps=1)
+
+
+@pytest.mark.parametrize("method", [
+    dict(guess="global"),
+    dict(target="local", guess="local"),
+    dict(guess="gaussian", space="weight", granularity="block", tangents=2),
+    dict(guess="local", streams="joint"),
+    dict(target="intermediate", guess="ntk", recompute=True),
+    dict(guess="rademacher", engine="reference"),
+], ids=lambda m: "-".join(f"{v}" for v in m.values()))
+def test_compiled_methods_equal_eager_in_float64(method, float64):
+    torch.manual_seed(0)
+    model = Generated("cnn", [4, 4, 4], "bn", classes=3, in_features=2)
+    x, y = torch.randn(6, 2, 5, 5), torch.randint(0, 3, (6,))
+    converted = fwdtrans.convert(model, x[:2], blocks=3, heads="linear", **method)
+    _compare(converted, x, y, {"backend": "aot_eager"})
+
+
+def test_train_step_compiles_once_and_copies_compile_afresh():
+    torch.manual_seed(0)
+    model = Generated("mlp", [4, 4], "bn", classes=3, in_features=5)
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    converted = fwdtrans.convert(model, x[:2], blocks=2, heads="linear")
+    step = converted.train_step(torch.optim.SGD(converted.parameters(), lr=0.1), compile={"backend": "aot_eager"})
+    step(x, y)
+    step(x, y)
+    assert len(converted._compiled) == 1
+    assert copy.deepcopy(converted)._compiled == {}  # a copy must not reuse a step bound to this model
