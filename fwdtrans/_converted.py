@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 import functools
+import math
 import types
 
 import torch
@@ -15,9 +16,9 @@ from ._check import check
 from ._cuts import block_costs, choose_cuts, split
 from ._errors import FwdTransError
 from ._method import Method
-from ._support import attention_context, check_forward_ad
+from ._support import attention_context, check_forward_ad, check_recompute
 from ._trace import trace
-from .heads import HeadSpec, build_head
+from .heads import HeadSpec, build_cut_head
 
 __all__ = ["Converted", "convert"]
 
@@ -51,6 +52,7 @@ class Converted(nn.Module):
         self.generator = torch.Generator().manual_seed(seed)  # random guesses and NTK re-initialisation
         self.math_attention = False  # set by convert when the flash attention kernel lacks forward AD
         self.cut_shapes: tuple[tuple[int, ...], ...] = ()  # per-sample shape of each block output but the last
+        self.segments: tuple[tuple[int, ...], ...] = ()  # per cut: the sizes of the tensors packed in it
         self._compiled: dict[tuple, Callable] = {}
 
     def _apply(self, fn, recurse=True):  # keep the generator on the parameters' device
@@ -170,6 +172,7 @@ def convert(
     engine: str = "forward",
     streams: str = "per-block",
     recompute: bool = False,
+    multi_tensor: bool = False,
     seed: int = 0,
     leaf_modules: Iterable[type] = (),
     autowrap_functions: Iterable[Callable] = (),
@@ -191,6 +194,9 @@ def convert(
             given each cut's per-sample output shape, or a dict from cut names to any of these
             (``"*"`` for the rest).
         balance: what ``blocks=N`` balances: forward ``"flops"``, ``"params"`` or activation ``"memory"``.
+        multi_tensor: also cut where several tensors cross (e.g. inside a residual block); each
+            crossing tensor gets its own head, guess and tangent (activity space, ``per_sample="by-loss"``,
+            per-block or sequential streams; weight space).
         target: the Gradient Target: ``"global"``, ``"local"`` or ``"intermediate"``.
         guess: the Gradient Guess: ``"local"``, ``"ntk"``, ``"fixed-ntk"``, ``"gaussian"``,
             ``"rademacher"``, ``"global"`` (backprop) or a callable ``guess(j, h, y)``.
@@ -230,14 +236,17 @@ def convert(
             "Fix: wrap the model so that it returns class scores."
         )
     num_classes = traced.output_shape[1]
-    cuts = choose_cuts(traced, blocks, balance)
+    cuts = choose_cuts(traced, blocks, balance, multi_tensor)
+    if any(len(c.crossing) > 1 for c in cuts):
+        method.check_multi_tensor([c.name for c in cuts if len(c.crossing) > 1])
     modules = split(traced, cuts)
     batch = example_inputs[0].shape[0]
     costs = block_costs(traced, cuts)
-    head_modules = [build_head(heads, cut.shape[1:], num_classes, name=cut.name, block_flops=cost["flops"] // batch)
+    head_modules = [build_cut_head(heads, cut.shapes, num_classes, name=cut.name, block_flops=cost["flops"] // batch)
                     for cut, cost in zip(cuts, costs)]
     converted = Converted(modules, head_modules, [c.name for c in cuts], method, num_classes, seed)
     converted.cut_shapes = tuple(tuple(c.shape[1:]) for c in cuts)
+    converted.segments = tuple(tuple(math.prod(s) for s in c.shapes) for c in cuts)
     converted.original_keys = tuple(model.state_dict())
     used = {converted.original_name(k) for k in converted.state_dict() if k.startswith("blocks.")}
     converted.unused = {k: v.detach().clone() for k, v in traced.root.state_dict().items() if k not in used}
@@ -245,6 +254,8 @@ def convert(
     if ref is not None:
         converted.to(device=ref.device, dtype=ref.dtype)
     converted.train(model.training)
-    method.warn_if_costly(method.stream_count(len(modules), batch, [len(list(m.parameters())) for m in modules]))
+    method.warn_if_costly(method.stream_count(len(modules), batch, [len(list(m.parameters())) for m in modules],
+                                         [len(c.crossing) for c in cuts]))
+    check_recompute(modules, method)
     converted.math_attention = check_forward_ad(modules, tuple(example_inputs), method)
     return converted

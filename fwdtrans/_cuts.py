@@ -4,40 +4,62 @@ A *cut point* is a position in the node order where exactly one tensor is live (
 used after) and that tensor has the batch as its first dimension. Cutting there gives a chain of
 blocks that each take one tensor and return one tensor, so a cut never falls inside a residual
 block.
+
+With ``multi_tensor=True`` a point may also be crossed by several batch-first tensors (e.g. inside a
+residual block: the branch and the skip). The block before such a cut returns them packed into one
+``(N, D)`` tensor (:func:`pack`) and the block after unpacks them, so every block still maps one
+tensor to one tensor; the engine gives each crossing tensor its own head, guess and tangent.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
+from torch import Tensor
 
 from ._errors import FwdTransError
 from ._trace import Traced
 
-__all__ = ["CutPoint", "block_costs", "choose_cuts", "find_cut_points", "split"]
+__all__ = ["CutPoint", "block_costs", "choose_cuts", "find_cut_points", "pack", "split", "unpack"]
 
 
 @dataclass(frozen=True)
 class CutPoint:
-    """A place where the model can be cut: after node ``node``, whose output crosses alone."""
+    """A place where the model can be cut: after node ``node``; the tensors of ``crossing`` cross it."""
 
     name: str  # the deepest module (not a single layer) that ends here, else the layer or node name
     aliases: tuple[str, ...]  # every name that designates this point
     node: fx.Node
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # of the block output: the crossing tensor, or (N, D) when several are packed
     flops: int  # forward FLOPs since the previous cut point
     params: int  # parameters first used since the previous cut point
     memory: int  # activation elements produced since the previous cut point
+    crossing: tuple[fx.Node, ...] = ()  # the live tensors, in the order they were computed
+    shapes: tuple[tuple[int, ...], ...] = ()  # their per-sample shapes
+
+
+def pack(*tensors: Tensor) -> Tensor:
+    """Several batch-first tensors as one ``(N, D)`` tensor (each flattened per sample)."""
+    return torch.cat([t.flatten(1) for t in tensors], 1)
+
+
+def unpack(x: Tensor, shapes: tuple[tuple[int, ...], ...]) -> tuple[Tensor, ...]:
+    """The inverse of :func:`pack` for per-sample ``shapes``."""
+    parts = x.split([math.prod(s) for s in shapes], 1)
+    return tuple(t.reshape(-1, *s) for t, s in zip(parts, shapes))
 
 
 def _nodes(traced: Traced) -> list[fx.Node]:
     return [n for n in traced.graph.nodes if n.op != "output"]
 
 
-def find_cut_points(traced: Traced) -> list[CutPoint]:
-    """Every valid cut point in node order (the model's output itself is not one)."""
+def find_cut_points(traced: Traced, multi_tensor: bool = False) -> list[CutPoint]:
+    """Every valid cut point in node order (the model's output itself is not one); with
+    ``multi_tensor`` also the points that several batch-first tensors cross."""
     nodes = _nodes(traced)
     position = {n: i for i, n in enumerate(nodes)}
     last_use = {n: max((position.get(u, len(nodes)) for u in n.users), default=-1) for n in nodes}
@@ -61,11 +83,15 @@ def find_cut_points(traced: Traced) -> list[CutPoint]:
         if n.op != "get_attr" and last_use[n] > i:
             live.add(n)
         live = {v for v in live if last_use[v] > i}
-        shape = traced.info[n].shape
-        if live != {n} or n.op == "placeholder" or not shape or shape[0] != batch:
+        crossing = sorted(live, key=position.get)
+        shapes = [traced.info[v].shape for v in crossing]
+        if n not in live or (len(live) > 1 and not multi_tensor):
             continue
-        if any(_in_place(u, traced) for u in n.users):  # the next block would overwrite this block's output
+        if any(v.op == "placeholder" or not s or s[0] != batch for v, s in zip(crossing, shapes)):
             continue
+        if any(_in_place(u, traced) for v in crossing for u in v.users):  # the next block would overwrite it
+            continue
+        shape = shapes[0] if len(crossing) == 1 else (batch, sum(math.prod(s[1:]) for s in shapes))
         # name the point after the deepest module that ends here, not counting the leaf layer itself
         modules = sorted((s for s, end in scope_end.items() if end == i), key=lambda s: -s.count("."))
         containers = [s for s in modules if not (n.op == "call_module" and s == n.target)]
@@ -73,7 +99,8 @@ def find_cut_points(traced: Traced) -> list[CutPoint]:
         node_name = f"{scope}.{n.name}" if scope and n.op != "call_module" else n.name
         name = (containers or modules or [node_name])[0]
         aliases = (name, *dict.fromkeys(a for a in (*modules, node_name, n.name) if a != name))
-        points.append(CutPoint(name, aliases, n, shape, flops, params, memory))
+        points.append(CutPoint(name, aliases, n, shape, flops, params, memory, tuple(crossing),
+                               tuple(tuple(s[1:]) for s in shapes)))
         flops = params = memory = 0
     return points
 
@@ -125,7 +152,7 @@ def _totals(traced: Traced) -> dict[str, int]:
 
 def block_costs(traced: Traced, cuts: list[CutPoint]) -> list[dict[str, int]]:
     """Forward FLOPs, parameters and activation elements of each block the cuts make."""
-    points = find_cut_points(traced)
+    points = find_cut_points(traced, multi_tensor=any(len(c.crossing) > 1 for c in cuts))
     chosen = {c.node for c in cuts}
     costs, current = [], dict.fromkeys(("flops", "params", "memory"), 0)
     for p in points:
@@ -139,10 +166,11 @@ def block_costs(traced: Traced, cuts: list[CutPoint]) -> list[dict[str, int]]:
     return costs
 
 
-def choose_cuts(traced: Traced, blocks: int | list[str], balance: str = "flops") -> list[CutPoint]:
+def choose_cuts(traced: Traced, blocks: int | list[str], balance: str = "flops",
+                multi_tensor: bool = False) -> list[CutPoint]:
     """The cut points for ``blocks``: a block count (balancing ``balance``: forward ``"flops"``,
     ``"params"`` or activation ``"memory"``) or a list of names to cut after."""
-    points = find_cut_points(traced)
+    points = find_cut_points(traced, multi_tensor)
     model = type(traced.root).__name__
     if balance not in ("flops", "params", "memory"):
         raise FwdTransError(f"balance={balance!r}: use 'flops', 'params' or 'memory'.")
@@ -152,8 +180,10 @@ def choose_cuts(traced: Traced, blocks: int | list[str], balance: str = "flops")
         if blocks - 1 > len(points):
             raise FwdTransError(
                 f"blocks={blocks} needs {blocks - 1} cut points, but {model} has only {len(points)} places where "
-                f"exactly one tensor crosses ({', '.join(p.name for p in points) or 'none'}). "
-                f"Fix: ask for at most blocks={len(points) + 1}, or see fwdtrans.inspect(model, example_inputs)."
+                f"{'batch-first tensors' if multi_tensor else 'exactly one tensor'} cross "
+                f"({', '.join(p.name for p in points) or 'none'}). Fix: ask for at most blocks={len(points) + 1}"
+                f"{'' if multi_tensor else ', or allow cuts that several tensors cross (multi_tensor=True)'}; "
+                "see fwdtrans.inspect(model, example_inputs)."
             )
         if blocks == 1:
             return []
@@ -165,9 +195,10 @@ def choose_cuts(traced: Traced, blocks: int | list[str], balance: str = "flops")
     for name in blocks:
         if name not in by_alias:
             raise FwdTransError(
-                f"blocks: cannot cut {model} after '{name}': no single tensor crosses there, or no module of "
-                f"that name ends a segment. Valid cut names: {', '.join(p.name for p in points)}. "
-                "Fix: pick names from fwdtrans.inspect(model, example_inputs)."
+                f"blocks: cannot cut {model} after '{name}': {'no batch-first tensors' if multi_tensor else 'no single tensor'} "
+                f"cross there, or no module of that name ends a segment. Valid cut names: "
+                f"{', '.join(p.name for p in points)}. Fix: pick names from fwdtrans.inspect(model, example_inputs)"
+                f"{'' if multi_tensor else ', or allow cuts that several tensors cross (multi_tensor=True)'}."
             )
         chosen.append(by_alias[name])
     order = {p.node: i for i, p in enumerate(points)}
@@ -177,7 +208,8 @@ def choose_cuts(traced: Traced, blocks: int | list[str], balance: str = "flops")
 
 
 def split(traced: Traced, cuts: list[CutPoint]) -> list[fx.GraphModule]:
-    """One ``GraphModule`` per block; block j maps the tensor at cut j-1 to the tensor at cut j.
+    """One ``GraphModule`` per block; block j maps the tensor at cut j-1 to the tensor at cut j
+    (several crossing tensors travel packed).
 
     Blocks share submodules (and so parameters) with ``traced.root``; parameters used through
     ``get_attr`` nodes are copied into every block that reads them.
@@ -190,7 +222,12 @@ def split(traced: Traced, cuts: list[CutPoint]) -> list[fx.GraphModule]:
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         if j > 0:
-            env[cuts[j - 1].node] = graph.placeholder("x")
+            x, crossing = graph.placeholder("x"), cuts[j - 1].crossing
+            if len(crossing) == 1:
+                env[crossing[0]] = x
+            else:
+                parts = graph.call_function(unpack, (x, cuts[j - 1].shapes))
+                env.update({c: graph.call_function(operator.getitem, (parts, i)) for i, c in enumerate(crossing)})
 
         def lookup(a: fx.Node) -> fx.Node:
             if a not in env:  # a get_attr defined in an earlier block
@@ -199,7 +236,12 @@ def split(traced: Traced, cuts: list[CutPoint]) -> list[fx.GraphModule]:
 
         for n in nodes[start : end + 1]:
             env[n] = graph.node_copy(n, lookup)
-        graph.output(fx.map_arg(output.args[0], lookup) if j == len(ends) - 1 else env[nodes[end]])
+        if j == len(ends) - 1:
+            graph.output(fx.map_arg(output.args[0], lookup))
+        elif len(cuts[j].crossing) == 1:
+            graph.output(env[cuts[j].crossing[0]])
+        else:
+            graph.output(graph.call_function(pack, tuple(env[c] for c in cuts[j].crossing)))
         block = fx.GraphModule(traced.root, graph, class_name=f"Block{j}")
         block.graph.eliminate_dead_code()  # get_attr copies that this block does not read
         block.recompile()

@@ -289,7 +289,9 @@ class _Sweep:
 
         def f(o, p=trained):
             logits, new = _call(head, {**frozen, **p}, buffers, o)
-            return F.cross_entropy(logits, self.y), new
+            if isinstance(logits, Tensor):
+                return F.cross_entropy(logits, self.y), new
+            return sum(F.cross_entropy(z, self.y) for z in logits), new  # a SplitHead: one loss per tensor
 
         b.head_loss, pull, new = vjp(f, b.out, *((trained,) if train else ()), has_aux=True)
         b.g, *grads = pull(torch.ones_like(b.head_loss))
@@ -314,7 +316,8 @@ class _Sweep:
             b.units = [[i] for i in range(len(trained))] if method.granularity == "tensor" else [list(range(len(trained)))]
         else:
             try:
-                b.directions, b.normalise = activity_guess(method, j, b.out, b.g, self.y, self.noise[j])
+                b.directions, b.normalise = activity_guess(method, j, b.out, b.g, self.y, self.noise[j],
+                                                           self._segments(j))
             except ValueError as e:
                 raise FwdTransError(f"guess callable: {e}") from None
         if not self.forward:
@@ -330,6 +333,12 @@ class _Sweep:
             self.open[0] = (first, tangents + origin)
         else:
             self.open.append((j, origin))
+        if method.space == "weight" and method.streams != "sequential":
+            # nothing after this block reads its input, nor its head's gradient: free them now, so that
+            # weight space holds no activation of a finished block
+            b.inputs, b.g = (), None
+            if j > 0:
+                self.blocks[j - 1].out = None
 
     def _close(self, j: int, cotangent: Tensor) -> None:
         """End the bundles of block ``j - 1`` when its target is block ``j``'s head loss."""
@@ -397,6 +406,10 @@ class _Sweep:
         if method.joint:
             self.joint_total = sum(b.values for b in blocks[:-1])
 
+    def _segments(self, j: int) -> tuple[int, ...]:
+        """Per-sample sizes of the tensors packed in block ``j``'s output (one entry: a single tensor)."""
+        return self.model.segments[j] if self.model.segments else (0,)
+
     # -- estimates and updates
     def _estimate(self, j: int, values: Tensor) -> Tensor | list[Tensor]:
         method, b = self.method, self.blocks[j]
@@ -408,7 +421,8 @@ class _Sweep:
         if method.space == "activity":
             k, batch = v.shape[:2]
             d = values.view(k, batch) if method.per_sample == "exact" else values
-            return _projection.combine(d, v.flatten(2), **agg).view_as(v[0])
+            m = len(self._segments(j))  # each crossing tensor's guesses form their own group of rows
+            return sum(_projection.combine(di, vi.flatten(2), **agg) for di, vi in zip(d.chunk(m), v.chunk(m))).view_as(v[0])
         k = method.tangents
         est = [torch.zeros_like(vi[0]) for vi in v]
         for u_index, unit in enumerate(b.units):

@@ -34,16 +34,29 @@ def draw_noise(model, batch: int) -> list[list[Tensor]]:
     return [[draw((k, batch, *shape))] for shape in model.cut_shapes]
 
 
-def activity_guess(method, j: int, h: Tensor, g: Tensor | None, y: Tensor, noise: list[Tensor]) -> tuple[Tensor, bool]:
-    """Directions ``(k, B, *h)`` for block ``j`` and whether the projection normalises them."""
+def activity_guess(method, j: int, h: Tensor, g: Tensor | None, y: Tensor, noise: list[Tensor],
+                   segments: tuple[int, ...] = (0,)) -> tuple[Tensor, bool]:
+    """Directions ``(k, B, *h)`` for block ``j`` and whether the projection normalises them.
+
+    With several ``segments`` (tensors packed in ``h``, per-sample sizes) each tensor gets guesses of
+    its own: ``(m * k, B, *h)``, row ``(i, t)`` being guess ``t`` restricted to tensor ``i``.
+    """
     if callable(method.guess):
         v = method.guess(j, h.detach(), y)
         if v.shape != h.shape:
             raise ValueError(f"the guess callable returned shape {tuple(v.shape)} for block {j}; expected {tuple(h.shape)}")
-        return _unit(v.detach())[None], True
+        return _per_segment(v.detach()[None], segments, normalise=True), True
     if noise:
-        return noise[0], False
-    return _unit(g)[None], True  # local, ntk, fixed-ntk: the head's loss gradient, normalised
+        return _per_segment(noise[0], segments, normalise=False), False
+    return _per_segment(g[None], segments, normalise=True), True  # local, ntk, fixed-ntk: the head's loss gradient
+
+
+def _per_segment(v: Tensor, segments: tuple[int, ...], normalise: bool) -> Tensor:
+    if len(segments) > 1:
+        parts = v.flatten(2).split(list(segments), -1)
+        v = torch.cat([torch.cat([p if i == k else torch.zeros_like(p) for k, p in enumerate(parts)], -1)
+                       for i in range(len(parts))]).view(-1, *v.shape[1:])
+    return torch.stack([_unit(r) for r in v]) if normalise else v
 
 
 def _unit(g: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ._cuts import CutPoint, block_costs, choose_cuts, find_cut_points
 from ._trace import trace
-from .heads import HeadSpec, build_head, head_flops
+from .heads import HeadSpec, build_cut_head, head_flops
 
 __all__ = ["CutReport", "inspect"]
 
@@ -42,7 +42,7 @@ class CutReport:
         cum = 0
         for p in self.points:
             cum += p.flops
-            rows.append((p.name, "x".join(map(str, p.shape[1:])), f"{p.params:,}", f"{p.flops:,}",
+            rows.append((p.name, " + ".join("x".join(map(str, s)) for s in p.shapes), f"{p.params:,}", f"{p.flops:,}",
                          f"{cum / max(self.total_flops, 1):.0%}"))
         lines = [f"{self.model}: {len(self.points)} cut points, {self.total_params:,} params, "
                  f"{self.total_flops:,} forward FLOPs"]
@@ -68,6 +68,7 @@ def inspect(
     blocks: int | list[str] | None = None,
     heads: HeadSpec = "auto",
     balance: str = "flops",
+    multi_tensor: bool = False,
     leaf_modules: Iterable[type] = (),
     autowrap_functions: Iterable[Callable] = (),
     concrete_args: dict | None = None,
@@ -78,6 +79,7 @@ def inspect(
     there, and the parameters and forward FLOPs (on ``example_inputs``) since the previous point.
     With ``blocks`` (and ``heads``, ``balance`` as in [`fwdtrans.convert`][fwdtrans.convert]) the report also
     shows the plan ``convert`` would make: each block's cost and its head's FLOPs relative to it.
+    ``multi_tensor=True`` also lists the points several tensors cross (their shapes joined by ``+``).
 
     Examples:
         >>> import torch, fwdtrans
@@ -91,7 +93,7 @@ def inspect(
                    concrete_args=concrete_args)
     plan = ()
     if blocks is not None:
-        cuts = choose_cuts(traced, blocks, balance)
+        cuts = choose_cuts(traced, blocks, balance, multi_tensor)
         batch = example_inputs[0].shape[0]
         num_classes = traced.output_shape[-1]
         rows = []
@@ -101,7 +103,7 @@ def inspect(
                    "head_ratio": 0.0}
             if j < len(cuts):
                 shape = cuts[j].shape[1:]
-                head = build_head(heads, shape, num_classes, name=cuts[j].name, block_flops=row["flops"])
+                head = build_cut_head(heads, cuts[j].shapes, num_classes, name=cuts[j].name, block_flops=row["flops"])
                 row["head"] = _describe(head)
                 row["head_flops"] = head_flops(head, shape)
                 row["head_ratio"] = row["head_flops"] / max(row["flops"], 1)
@@ -109,7 +111,7 @@ def inspect(
         plan = tuple(rows)
     return CutReport(
         type(model).__name__,
-        tuple(find_cut_points(traced)),
+        tuple(find_cut_points(traced, multi_tensor)),
         sum(i.flops for i in traced.info.values()),
         sum(i.params for i in traced.info.values()),
         plan,

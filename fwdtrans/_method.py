@@ -174,8 +174,10 @@ class Method:
         d["guess"] = self._guess_name
         return d
 
-    def stream_count(self, blocks: int, batch: int, tensors_per_block: list[int]) -> int:
-        """Tangent streams one forward step propagates (0 for backprop and local learning)."""
+    def stream_count(self, blocks: int, batch: int, tensors_per_block: list[int],
+                     crossing: list[int] | None = None) -> int:
+        """Tangent streams one forward step propagates (0 for backprop and local learning);
+        ``crossing``: tensors crossing each cut (1 each by default)."""
         if self.kind != "projected" or self.target == "local" or self.engine == "reference":
             return 0
         if self.joint and self.target == "global":
@@ -188,8 +190,17 @@ class Method:
                 units = {"tensor": tensors_per_block[j], "block": 1, "joint": 1}[self.granularity]
                 per_block.append(units * self.tangents)
             else:
-                per_block.append(self.tangents * (batch if self.per_sample == "exact" else 1))
+                per_block.append(self.tangents * (batch if self.per_sample == "exact" else (crossing or [1] * blocks)[j]))
         return sum(per_block)
+
+    def check_multi_tensor(self, cuts: list[str]) -> None:
+        """Refuse the options that cannot give each tensor crossing ``cuts`` its own guess."""
+        if self.kind == "projected" and (self.space == "span" or self.per_sample == "exact" or self.streams == "joint"):
+            raise FwdTransError(
+                f"{self.describe()} cannot give each tensor crossing {', '.join(cuts)} its own guess and tangent: "
+                "multi-tensor cuts support space='activity' (per_sample='by-loss', streams='per-block' or "
+                "'sequential') and space='weight'. Fix: change the method, or cut where one tensor crosses "
+                "(multi_tensor=False).")
 
     def warn_if_costly(self, streams: int) -> None:
         if streams > MANY_STREAMS:

@@ -100,3 +100,18 @@ def check_forward_ad(blocks: list[fx.GraphModule], example_inputs: tuple[Tensor,
             with torch.no_grad():
                 h = (block(*h),)
     return math_attention
+
+
+def check_recompute(blocks: list[fx.GraphModule], method) -> None:
+    """``recompute=True`` runs a block's forward twice: refuse blocks that draw random numbers."""
+    if not method.recompute:
+        return
+    for j, block in enumerate(blocks[:-1]):
+        for n in block.graph.nodes:
+            module = block.get_submodule(n.target) if n.op == "call_module" else None
+            name = getattr(n.target, "__name__", "")
+            if isinstance(module, nn.modules.dropout._DropoutNd) or (n.op == "call_function" and "dropout" in name):
+                raise FwdTransError(
+                    f"recompute=True runs block {j}'s forward again for its pull-back, but node '{n.name}' "
+                    f"({n.target if module is not None else name}) draws a random dropout mask, which the second run "
+                    "would not reproduce. Fix: recompute=False, or remove dropout from the blocks before the last.")

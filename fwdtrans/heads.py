@@ -28,9 +28,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._cuts import unpack
 from ._errors import FwdTransError
 
-__all__ = ["AutoHead", "CNNHead", "HeadSpec", "LinearHead", "MLPHead", "TokenMean", "head_flops"]
+__all__ = ["AutoHead", "CNNHead", "HeadSpec", "LinearHead", "MLPHead", "SplitHead", "TokenMean", "head_flops"]
 
 
 def _image(shape: tuple[int, ...], family: str) -> int:
@@ -170,3 +171,27 @@ def build_head(spec: HeadSpec, shape: tuple[int, ...], num_classes: int, *, name
             raise FwdTransError(f"the head callable returned {type(head).__name__}, not an nn.Module.")
         return head
     raise FwdTransError(f"heads={spec!r}: expected 'auto', 'cnn', 'mlp', 'linear', a head spec, a callable or a dict.")
+
+
+class SplitHead(nn.Module):
+    """The heads of a cut that several tensors cross (``convert(..., multi_tensor=True)``): one head
+    per tensor, each reading its own part of the packed block output; returns one set of logits per
+    tensor, and the block's local loss is the sum of their losses."""
+
+    def __init__(self, heads: list[nn.Module], shapes: tuple[tuple[int, ...], ...]):
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+        self.shapes = tuple(shapes)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return tuple(head(t) for head, t in zip(self.heads, unpack(x, self.shapes)))
+
+
+def build_cut_head(spec: HeadSpec, shapes: tuple[tuple[int, ...], ...], num_classes: int, *, name: str = "",
+                   block_flops: int = 0) -> nn.Module:
+    """:func:`build_head` for a cut crossed by tensors of per-sample ``shapes`` (a SplitHead for several,
+    each with an equal share of the FLOP budget)."""
+    if len(shapes) == 1:
+        return build_head(spec, shapes[0], num_classes, name=name, block_flops=block_flops)
+    return SplitHead([build_head(spec, s, num_classes, name=name, block_flops=block_flops // len(shapes))
+                      for s in shapes], shapes)

@@ -98,3 +98,11 @@ def test_guess_callable_with_the_wrong_shape():
                                  heads="linear", guess=lambda j, h, y: torch.zeros(3))
     with pytest.raises(FwdTransError, match="guess callable returned shape"):
         converted.compute_gradients(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+
+
+def test_recompute_refuses_blocks_with_dropout():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    with pytest.raises(FwdTransError, match=r"recompute=True.*dropout.*Fix: recompute=False"):
+        fwdtrans.convert(model, torch.randn(2, 4), blocks=3, heads="linear", recompute=True)
+    with pytest.raises(FwdTransError, match="recompute=True re-runs"):
+        fwdtrans.convert(model, torch.randn(2, 4), blocks=3, heads="linear", recompute=True, space="weight")

@@ -108,3 +108,20 @@ def test_batchnorm_statistics_update_once_per_step():
         converted.compute_gradients(x, y)
         for name, value in converted.original_state_dict().items():
             torch.testing.assert_close(value, eager.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.filterwarnings("ignore:.*tangent streams per step")  # span opens one stream per sample
+@pytest.mark.parametrize("method", [dict(), dict(target="intermediate", guess="gaussian", tangents=2),
+                                    dict(space="span")], ids=["flagship", "intermediate-gaussian", "span"])
+@given(sample=generated_models(), data=st.data())
+def test_recompute_gives_the_same_gradients_and_statistics(method, sample, data):
+    stored = _converted(sample, data, **method)
+    recomputed = copy.deepcopy(stored)
+    recomputed.method = fwdtrans.Method(**{**stored.method.to_dict(), "recompute": True})
+    _, x, y = sample
+    for c in (stored, recomputed):
+        c.compute_gradients(x, y)
+    assert_gradients_match(grads(recomputed), grads(stored), rtol=1e-12)
+    for a, b in zip(recomputed.buffers(), stored.buffers()):
+        assert torch.equal(a, b)
