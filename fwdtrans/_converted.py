@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-
 import functools
 import math
 import types
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn

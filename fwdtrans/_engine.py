@@ -130,7 +130,7 @@ def _stream_directions(method, block: _Block) -> Tensor | list[Tensor]:
         u = v[0]
         return u[:, None].expand(-1, *u.shape).contiguous()  # stream m: u_m at every sample
     if method.per_sample == "exact":
-        k, batch = v.shape[:2]
+        batch = v.shape[1]
         eye = torch.eye(batch, dtype=v.dtype, device=v.device).view(1, batch, batch, *([1] * (v.dim() - 2)))
         return (eye * v[:, :, None]).flatten(0, 1)  # stream (i, n): v_i,n at sample n only
     return v
