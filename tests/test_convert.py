@@ -106,3 +106,19 @@ def test_user_head_callable_gets_the_per_sample_shape():
 
     fwdtrans.convert(fwdtrans.models.resnet18(width=4), torch.randn(2, 3, 32, 32), blocks=["layer1.0"], heads=head)
     assert seen == [(4, 32, 32)]
+
+
+@pytest.mark.parametrize("method", [dict(guess="global"), dict(), dict(space="weight", granularity="block"),
+                                    dict(target="local")], ids=["backprop", "flagship", "weight", "local"])
+def test_frozen_parameters_get_no_gradient(method):
+    torch.manual_seed(0)
+    model = fwdtrans.models.resnet18(width=4)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    converted = fwdtrans.convert(model, x, blocks=3, heads="linear", **method)
+    frozen = {n for n, p in converted.blocks.named_parameters(prefix="blocks") if ".stem." in f".{n}."}
+    for n, p in converted.named_parameters():
+        p.requires_grad_(n not in frozen)
+    converted.compute_gradients(x, y)
+    assert frozen
+    for n, p in converted.blocks.named_parameters(prefix="blocks"):
+        assert (p.grad is None) == (n in frozen), n
