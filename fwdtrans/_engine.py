@@ -151,7 +151,8 @@ def _rows(cotangent: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- the step
 def compute_gradients(model, x: Tensor, y: Tensor, record: dict | None = None, compile=False) -> dict[str, Tensor]:
-    """Fill ``p.grad`` for every parameter the method trains, update buffers; return detached metrics.
+    """Fill ``p.grad`` for every parameter the method trains, update buffers (unless the loss is not
+    finite); return detached metrics.
 
     ``model`` is a :class:`fwdtrans.Converted`. Old gradients are cleared. ``record``, when given,
     receives per-block internals (targets, estimates, guesses) for :func:`fwdtrans.check`.
@@ -171,9 +172,10 @@ def compute_gradients(model, x: Tensor, y: Tensor, record: dict | None = None, c
         grads, buffers, metrics = fn((x,), y, noise)
         for name, p in model.named_parameters():
             p.grad = grads.get(name)
-        for name, b in model.named_buffers():
-            if name in buffers:
-                b.copy_(buffers[name])
+        if torch.isfinite(metrics["loss"]):  # a non-finite step leaves the running statistics as they were
+            for name, b in model.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
     return metrics
 
 

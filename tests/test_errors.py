@@ -82,8 +82,9 @@ def test_labels_out_of_range_lose_no_state():
         assert torch.equal(v, before[k]), k
 
 
-def test_nan_loss_does_not_update_parameters():
+def test_nan_loss_does_not_update_parameters_or_statistics():
     converted = fwdtrans.convert(fwdtrans.models.resnet18(width=2), torch.randn(2, 3, 32, 32), blocks=2, heads="linear")
+    state = copy.deepcopy(converted.state_dict())
     params = [p.detach().clone() for p in converted.parameters()]
     step = converted.train_step(torch.optim.SGD(converted.parameters(), lr=0.1))
     x = torch.randn(4, 3, 32, 32)
@@ -91,6 +92,8 @@ def test_nan_loss_does_not_update_parameters():
     with pytest.raises(FwdTransError, match="step was not applied"):
         step(x, torch.tensor([0, 1, 2, 3]))
     assert all(torch.equal(a, b) for a, b in zip(params, converted.parameters()))
+    for name, value in converted.state_dict().items():  # BatchNorm statistics included
+        assert torch.equal(value, state[name]), name
 
 
 def test_guess_callable_with_the_wrong_shape():
