@@ -66,3 +66,12 @@ def test_train_step_compiles_once_and_copies_compile_afresh():
     step(x, y)
     assert len(converted._compiled) == 1
     assert copy.deepcopy(converted)._compiled == {}  # a copy must not reuse a step bound to this model
+
+
+def test_compiled_multi_tensor_cuts_equal_eager_in_float64(float64):
+    torch.manual_seed(0)
+    model = Generated("rescnn", [3, 3], "bn", classes=3, in_features=2)
+    x, y = torch.randn(4, 2, 4, 4), torch.randint(0, 3, (4,))
+    inner = [p.name for p in fwdtrans.inspect(model, x, multi_tensor=True).points if len(p.shapes) > 1]
+    converted = fwdtrans.convert(model, x, blocks=inner[:2], heads="linear", multi_tensor=True)
+    _compare(converted, x, y, {"backend": "aot_eager"})
