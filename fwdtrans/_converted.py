@@ -112,12 +112,13 @@ class Converted(nn.Module):
         key = tuple(sorted((options or {}).items()))
         if key not in self._compiled:
             # dynamo keeps one cache (at most torch._dynamo.config.recompile_limit graphs) per code
-            # object: give each model's step a code object of its own, so models do not share it
+            # object, and equal code objects share it: give each model's step a code object of its own
             fn = _engine.gradients
-            own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
-            self._compiled[key] = torch.compile(functools.partial(own, self), fullgraph=True,
-                                                **{"dynamic": False, **dict(key)})
-        return self._compiled[key]
+            code = fn.__code__.replace(co_name=f"{fn.__name__}_{id(self):x}")
+            own = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__)
+            # compile the function itself: torch.compile wraps other callables (a partial) in one shared frame
+            self._compiled[key] = torch.compile(own, fullgraph=True, **{"dynamic": False, **dict(key)})
+        return functools.partial(self._compiled[key], self)
 
     def __getstate__(self):  # copies and pickles compile afresh: a compiled step is bound to this model
         return {**super().__getstate__(), "_compiled": {}}

@@ -75,3 +75,12 @@ def test_compiled_multi_tensor_cuts_equal_eager_in_float64(float64):
     inner = [p.name for p in fwdtrans.inspect(model, x, multi_tensor=True).points if len(p.shapes) > 1]
     converted = fwdtrans.convert(model, x, blocks=inner[:2], heads="linear", multi_tensor=True)
     _compare(converted, x, y, {"backend": "aot_eager"})
+
+
+def test_many_models_do_not_share_a_recompile_budget():
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    limit = torch._dynamo.config.recompile_limit
+    for i in range(limit + 1):  # more models than one code object's budget
+        torch.manual_seed(i)
+        converted = fwdtrans.convert(Generated("mlp", [3], "none", 3, 5), x[:2], blocks=2, heads="linear")
+        converted.compute_gradients(x, y, compile={"backend": "eager"})
