@@ -134,7 +134,7 @@ def train(config: TrainConfig, *, out: str | os.PathLike | None = None,
     generator = torch.Generator().manual_seed(config.seed)
     history = []
     start = time.perf_counter()
-    training = 0.0  # seconds spent in training steps (evaluation excluded)
+    step_seconds = []  # per training step (evaluation excluded)
     for epoch in range(config.epochs):
         converted.train()
         it = batches(train_x, train_y, config.batch_size, shuffle=True, augment=config.augment,
@@ -145,7 +145,7 @@ def train(config: TrainConfig, *, out: str | os.PathLike | None = None,
         for xb, yb in it:
             tick = time.perf_counter()
             loss = float(step(xb, yb)["loss"])
-            training += time.perf_counter() - tick
+            step_seconds.append(time.perf_counter() - tick)
             losses.append(loss)
             schedule.step()
             if progress is not None and hasattr(it, "set_postfix"):
@@ -160,7 +160,10 @@ def train(config: TrainConfig, *, out: str | os.PathLike | None = None,
         "dataset": {"name": data.name, "train": len(train_y), "test": len(data.test_y)},
         "epochs": history,
         "test_accuracy": history[-1]["test_accuracy"] if history else None,
-        "seconds_per_step": training / max(steps, 1),
+        # the first step pays one-off costs (with --compile: the compilation), reported on its own
+        "first_step_seconds": step_seconds[0] if step_seconds else None,
+        "seconds_per_step": sum(step_seconds[1:]) / (len(step_seconds) - 1) if len(step_seconds) > 1
+        else sum(step_seconds) / max(len(step_seconds), 1),
         "seconds": time.perf_counter() - start,
         "versions": {"fwdtrans": __import__("fwdtrans").__version__, "torch": torch.__version__,
                      "python": platform.python_version()},
