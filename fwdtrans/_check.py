@@ -139,7 +139,7 @@ def check(converted, batch: tuple[Tensor, Tensor], *, verbose: bool = False) -> 
             guess = sum(_cos(t, v[0]) for t, v in zip(b.target, b.directions)) / len(b.target)
         else:
             target, est = b.target[0], estimate
-            m = len(converted.segments[j]) if converted.segments else 1  # tensors packed at a multi-tensor cut
+            m = len(converted.segments[j])  # tensors packed at a multi-tensor cut
             first = b.directions.unflatten(0, (m, -1))[:, 0].sum(0)  # each tensor's first guess, together
             t, v = target.flatten(1), first.flatten(1)
             guess = sum(_cos(t[n], v[n]) for n in range(t.shape[0])) / t.shape[0]

@@ -40,7 +40,8 @@ class Converted(nn.Module):
     """
 
     def __init__(self, blocks: list[nn.Module], heads: list[nn.Module], cut_names: list[str],
-                 method: Method, num_classes: int, seed: int = 0):
+                 method: Method, num_classes: int, seed: int = 0,
+                 crossing_shapes: tuple[tuple[tuple[int, ...], ...], ...] = ()):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.heads = nn.ModuleList(heads)
@@ -50,9 +51,19 @@ class Converted(nn.Module):
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)  # random guesses and NTK re-initialisation
         self.math_attention = False  # set by convert when the flash attention kernel lacks forward AD
-        self.cut_shapes: tuple[tuple[int, ...], ...] = ()  # per-sample shape of each block output but the last
-        self.segments: tuple[tuple[int, ...], ...] = ()  # per cut: the sizes of the tensors packed in it
+        self.crossing_shapes = tuple(crossing_shapes)  # per cut: per-sample shapes of the tensors crossing it
         self._compiled: dict[tuple, Callable] = {}
+
+    @property
+    def segments(self) -> tuple[tuple[int, ...], ...]:
+        """Per cut: the per-sample sizes of the tensors crossing it (packed in that order)."""
+        return tuple(tuple(math.prod(t) for t in shapes) for shapes in self.crossing_shapes)
+
+    @property
+    def cut_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Per cut: the per-sample shape of the block output (one tensor, or ``(D,)`` when packed)."""
+        return tuple(shapes[0] if len(shapes) == 1 else (sum(sizes),)
+                     for shapes, sizes in zip(self.crossing_shapes, self.segments))
 
     def _apply(self, fn, recurse=True):  # keep the generator on the parameters' device
         result = super()._apply(fn, recurse)
@@ -244,9 +255,8 @@ def convert(
     costs = block_costs(traced, cuts)
     head_modules = [build_cut_head(heads, cut.shapes, num_classes, name=cut.name, block_flops=cost["flops"] // batch)
                     for cut, cost in zip(cuts, costs)]
-    converted = Converted(modules, head_modules, [c.name for c in cuts], method, num_classes, seed)
-    converted.cut_shapes = tuple(tuple(c.shape[1:]) for c in cuts)
-    converted.segments = tuple(tuple(math.prod(s) for s in c.shapes) for c in cuts)
+    converted = Converted(modules, head_modules, [c.name for c in cuts], method, num_classes, seed,
+                          tuple(c.shapes for c in cuts))
     converted.original_keys = tuple(model.state_dict())
     used = {converted.original_name(k) for k in converted.state_dict() if k.startswith("blocks.")}
     converted.unused = {k: v.detach().clone() for k, v in traced.root.state_dict().items() if k not in used}

@@ -410,7 +410,7 @@ class _Sweep:
 
     def _segments(self, j: int) -> tuple[int, ...]:
         """Per-sample sizes of the tensors packed in block ``j``'s output (one entry: a single tensor)."""
-        return self.model.segments[j] if self.model.segments else (0,)
+        return self.model.segments[j]
 
     # -- estimates and updates
     def _estimate(self, j: int, values: Tensor) -> Tensor | list[Tensor]:

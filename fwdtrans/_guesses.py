@@ -35,7 +35,7 @@ def draw_noise(model, batch: int) -> list[list[Tensor]]:
 
 
 def activity_guess(method, j: int, h: Tensor, g: Tensor | None, y: Tensor, noise: list[Tensor],
-                   segments: tuple[int, ...] = (0,)) -> tuple[Tensor, bool]:
+                   segments: tuple[int, ...]) -> tuple[Tensor, bool]:
     """Directions ``(k, B, *h)`` for block ``j`` and whether the projection normalises them.
 
     With several ``segments`` (tensors packed in ``h``, per-sample sizes) each tensor gets guesses of
