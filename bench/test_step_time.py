@@ -67,6 +67,10 @@ def _cases() -> list[Case]:
         Case("backprop", "baselines", BACKPROP),
         Case("flagship", "baselines", dict(target="global", guess="local", space="activity", engine="forward")),
         Case("local", "baselines", dict(target="local", guess="local")),
+        Case("flagship-recompute", "baselines", dict(target="global", guess="local", space="activity", recompute=True)),
+        # 8 blocks balanced over every cut point, including those inside residual blocks
+        Case("flagship-multi-tensor", "baselines", dict(target="global", guess="local", space="activity",
+                                                        multi_tensor=True)),
     ]
     for family, (space, granularity) in FAMILIES.items():
         for guess in GUESSES:
