@@ -112,7 +112,7 @@ def main() -> None:
         ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}"
         print(f"{r['case']:<22} {r['peak_bytes'] / 2**20:>9.1f} {ratio:>10}")
     if args.json:
-        from fwdtrans._train import write_json
+        from fwdtrans.app._rundir import write_json
 
         config = {k: getattr(args, k) for k in ("width", "batch", "blocks", "device", "cases")}
         write_json(args.json, {"config": config, "torch": torch.__version__, "device_name": device,

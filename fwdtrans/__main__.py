@@ -1,7 +1,7 @@
-"""``python -m fwdtrans``: the command line."""
+"""``python -m fwdtrans``: the command line (``fwdtrans.app``)."""
 
 import sys
 
-from ._cli import main
+from .app import main
 
 sys.exit(main())

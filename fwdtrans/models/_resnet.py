@@ -70,8 +70,10 @@ class ResNet18(nn.Module):
         return names[:-1]
 
 
-def resnet18(num_classes: int = 10, width: int = 64, skip: bool = True) -> ResNet18:
+def resnet18(num_classes: int = 10, width: int = 64, skip: bool = True, in_channels: int = 3) -> ResNet18:
     """The paper's CIFAR ResNet-18 (``width=64`` is the standard model, 11.2M parameters).
+
+    ``in_channels`` is the images' channel count (1 for Fashion-MNIST).
 
     ``blocks=model.paper_cuts()`` gives the paper's 8-block setting (``blocks=8`` finds the same
     cuts by balancing FLOPs); ``resnet18(skip=False)`` with ``blocks=model.paper_cuts()`` is its
@@ -82,4 +84,4 @@ def resnet18(num_classes: int = 10, width: int = 64, skip: bool = True) -> ResNe
         >>> fwdtrans.models.resnet18(width=8)(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 10])
     """
-    return ResNet18(num_classes, width, skip=skip)
+    return ResNet18(num_classes, width, in_channels=in_channels, skip=skip)

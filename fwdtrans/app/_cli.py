@@ -1,0 +1,175 @@
+"""The command line: ``fwdtrans train`` (one resumable run) and ``fwdtrans demo`` (three methods side by side).
+
+Every option is a field of :class:`TrainConfig`; the flags, their types, choices and defaults are
+generated from it, so the CLI, the config recorded in a run directory and the Python API agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+import threading
+from functools import partial
+
+from tqdm import tqdm
+
+import fwdtrans
+
+from .. import _method
+from .._errors import FwdTransError
+from ._datasets import DATASETS
+from ._loop import TrainConfig, train
+from ._rundir import write_json
+from ._schedule import SCHEDULES
+
+__all__ = ["main"]
+
+DEMO_METHODS = (
+    ("backprop", {"target": "global", "guess": "global"}),
+    ("forward gradient (global target, local guess, activity)", {"target": "global", "guess": "local"}),
+    ("local learning (local target, local guess)", {"target": "local", "guess": "local"}),
+)
+# the demo's short schedule: one epoch of the shipped subset per method, annealed to zero
+DEMO_DEFAULTS = {"epochs": 1, "batch_size": 64, "schedule": "cosine"}
+
+_HELP = {
+    "model": "architecture (the paper's CIFAR ResNet-18)",
+    "width": "ResNet width (64 = the paper's)",
+    "blocks": "number of blocks (8 and 16 are the paper's cuts; 16 drops the skip connections)",
+    "heads": "auxiliary head family (auto: within 10%% of each block's FLOPs)",
+    "head_width": "head width (default: the paper's, scaled by --width/64)",
+    "target": "Gradient Target",
+    "guess": "Gradient Guess",
+    "space": "projection space",
+    "granularity": "weight space: one projection per parameter tensor, per block, or one joint scalar",
+    "tangents": "random guesses per block",
+    "aggregation": "how several tangents combine",
+    "per_sample": "activity space under train-mode BatchNorm: by-loss, or exact (one stream per sample)",
+    "engine": "forward-mode AD, or the same estimator simulated with backprop",
+    "streams": "how the forward engine schedules tangent streams",
+    "recompute": "recompute block forwards for the pull-backs (less memory)",
+    "dataset": "data set, read from --data-dir in its official format",
+    "data_dir": "folder of the data set (default: the CIFAR-10 subset shipped with fwdtrans)",
+    "limit": "use only the first N training images (0: all)",
+    "augment": "the paper's augmentation (random crop, padding 4, and flip; none for Fashion-MNIST)",
+    "epochs": "epochs to train (a larger value extends a finished run)",
+    "batch_size": "mini-batch size",
+    "lr": "initial learning rate (SGD)",
+    "momentum": "SGD momentum",
+    "weight_decay": "SGD weight decay",
+    "schedule": "learning-rate schedule: step (x gamma every step-size epochs), cosine, or constant",
+    "step_size": "step schedule: epochs between decays (default: the paper's, 30; ImageNet32 20)",
+    "gamma": "step schedule: decay factor (default: the paper's, 0.2; ImageNet32 0.1)",
+    "seed": "seed of the model, data order, augmentation and random guesses",
+    "device": "auto (CUDA when available), cpu, cuda or cuda:N",
+    "threads": "torch CPU threads (default: torch's choice)",
+    "compile": "compile the step with torch.compile (the first step takes minutes)",
+    "checkpoint_every": "also checkpoint every N steps (0: at the end of each epoch only)",
+    "diagnostics_every": "every N steps, record per block cos(guess, target) (Eq. 6) and cos(estimate, true gradient)",
+    "tensorboard": "also write TensorBoard scalars to RUN_DIR/tensorboard (needs tensorboard installed)",
+}
+_CHOICES = {
+    "model": ("resnet18",), "heads": ("auto", "cnn", "mlp", "linear"), "target": _method.TARGETS,
+    "guess": _method.GUESSES, "space": _method.SPACES, "granularity": _method.GRANULARITY,
+    "aggregation": _method.AGGREGATION, "per_sample": _method.PER_SAMPLE, "engine": _method.ENGINES,
+    "streams": _method.STREAMS, "dataset": DATASETS, "schedule": SCHEDULES,
+}
+_METHOD_FIELDS = {f.name for f in dataclasses.fields(fwdtrans.Method)}
+_TYPES = {"head_width": int, "step_size": int, "threads": int, "gamma": float, "data_dir": str}
+
+
+def _add_config_options(parser: argparse.ArgumentParser, *, method: bool, defaults: dict) -> None:
+    """One flag per field of TrainConfig (``method=False`` leaves out the method's fields)."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _METHOD_FIELDS and not method:
+            continue
+        default = defaults.get(f.name, f.default)
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "augment":
+            parser.add_argument("--no-augment", dest="augment", action="store_false",
+                                help="turn off " + _HELP["augment"])
+        elif isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", help=_HELP[f.name])
+        else:
+            kind = _TYPES.get(f.name, type(default))
+            parser.add_argument(flag, type=kind, default=default, choices=_CHOICES.get(f.name), help=_HELP[f.name],
+                                metavar=None if f.name in _CHOICES else f.name.upper())
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fwdtrans", description="Train with forward gradients (Fournier et al., "
+                                     "ICML 2023).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fwdtrans {fwdtrans.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("train", help="train one configuration, resumable with --run-dir", formatter_class=formatter,
+                       description="Train one configuration. With --run-dir the run is checkpointed; the same "
+                                   "command with the same --run-dir resumes it.")
+    _add_config_options(p, method=True, defaults={})
+    p.add_argument("--run-dir", default=None, help="run directory: config.json, metrics.jsonl, checkpoint.pt, "
+                   "model.pt, summary.json (default: nothing written)")
+    d = sub.add_parser("demo", help="train backprop, the forward gradient and local learning briefly; print a table",
+                       formatter_class=formatter)
+    _add_config_options(d, method=False, defaults=DEMO_DEFAULTS)
+    d.add_argument("--out", default=None, help="JSON file for the table (written atomically)")
+    return parser
+
+
+def _config(args: argparse.Namespace, **override) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{**{k: v for k, v in vars(args).items() if k in names}, **override})
+
+
+def _progress():
+    """A bar on a terminal; nothing otherwise (a log file gets the per-epoch lines only)."""
+    if sys.stderr.isatty():
+        return partial(tqdm, leave=False, dynamic_ncols=True, file=sys.stderr)
+    return None
+
+
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # a scheduler's SIGTERM = Ctrl-C
+    try:
+        if args.command == "train":
+            summary = train(_config(args), run_dir=args.run_dir, progress=_progress(), log=_log)
+            ms = summary["seconds_per_step"]
+            print(f"test accuracy {summary['test_accuracy']:.2%}" + (f" ({ms * 1000:.0f} ms/step)" if ms else ""))
+            return 0
+        rows = []
+        for label, method in DEMO_METHODS:
+            print(f"== {label}", file=sys.stderr)
+            summary = train(_config(args, **method), progress=_progress(), log=partial(print, file=sys.stderr))
+            rows.append({**summary, "label": label})
+        print(f"\n{'method':<58} {'test acc.':>9} {'ms/step':>8}")
+        for r in rows:
+            print(f"{r['label']:<58} {r['test_accuracy']:>9.2%} {r['seconds_per_step'] * 1000:>8.0f}")
+        if args.out:
+            write_json(args.out, {"runs": rows})
+        return 0
+    except FwdTransError as e:
+        print(f"fwdtrans: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        where = getattr(args, "run_dir", None)
+        print("fwdtrans: interrupted" + (f"; {where} keeps its last checkpoint: run the same command to resume."
+                                         if where else "."), file=sys.stderr)
+        return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,407 @@
+"""The training loop behind ``fwdtrans train``: a run that survives a crash and resumes bit for bit.
+
+``train(config, run_dir=...)`` builds the paper's ResNet-18 for the data set, converts it with the
+config's method, and trains it epoch by epoch. With a run directory (``_rundir``) it writes a
+checkpoint at the end of every epoch (and every ``checkpoint_every`` steps), then the epoch's
+metrics line; started again with the same directory it resumes from the checkpoint and ends with
+the per-epoch metrics of an uninterrupted run. Everything random is either restored from the
+checkpoint (model init, noise guesses, NTK heads, dropout) or a pure function of the seed and the
+epoch (data order and augmentation, ``_batches``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import platform
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import fwdtrans
+
+from .._errors import FwdTransError
+from .._method import Method
+from ..heads import AutoHead, CNNHead, HeadSpec, LinearHead, MLPHead
+from ..models import resnet18
+from ._batches import batches, epoch_generator, num_batches
+from ._datasets import DATASETS, ImageDataset, load_dataset
+from ._rundir import FORMAT, RunDir, deferred_interrupts, load_checkpoint, save_checkpoint, save_torch, write_json
+from ._schedule import SCHEDULES, lr_factor
+
+__all__ = ["EXECUTION_KEYS", "TrainConfig", "evaluate", "train"]
+
+# settings that may change when a run resumes: they change how, where or what is logged, not what is trained
+EXECUTION_KEYS = ("epochs", "device", "threads", "compile", "checkpoint_every", "diagnostics_every", "tensorboard",
+                  "data_dir")
+_PAPER_SCHEDULE = {"imagenet32": (20, 0.1)}  # (step_size, gamma); the others: (30, 0.2)
+_HEADS = ("auto", "cnn", "mlp", "linear")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run; recorded in its ``config.json`` and summary.
+
+    Model: ``width`` scales the ResNet-18 (64 = the paper's); ``blocks=8`` and ``16`` are the
+    paper's cuts (16: no skip connections); ``heads="auto"`` sizes each head to 10% of its
+    block's FLOPs, and ``head_width=None`` scales the paper's CNN/MLP widths (32/1024 for 8 blocks,
+    16/512 for 16 blocks, at width 64) with ``width``. Method: the fields of
+    [`fwdtrans.Method`][fwdtrans.Method]. Data: ``dataset`` read from ``data_dir`` (``None``: the
+    CIFAR-10 subset shipped with fwdtrans), the first ``limit`` training images (0: all).
+    Optimisation: SGD; ``schedule="step"`` multiplies the rate by ``gamma`` every ``step_size``
+    epochs (``None``: the paper's, 30 and 0.2, ImageNet32 20 and 0.1). Execution (may differ when
+    a run resumes): ``device`` (``"auto"``: CUDA when available), ``threads``, ``compile``,
+    ``checkpoint_every`` steps, ``diagnostics_every`` steps (per-block cosines, Eq. 6),
+    ``tensorboard``.
+
+    Example:
+        >>> TrainConfig(width=4, blocks=2, epochs=1).validate().schedule
+        'step'
+    """
+
+    model: str = "resnet18"
+    width: int = 16
+    blocks: int = 8
+    heads: str = "auto"
+    head_width: int | None = None
+    target: str = "global"
+    guess: str = "local"
+    space: str = "activity"
+    granularity: str = "tensor"
+    tangents: int = 1
+    aggregation: str = "mean"
+    per_sample: str = "by-loss"
+    engine: str = "forward"
+    streams: str = "per-block"
+    recompute: bool = False
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    limit: int = 0
+    augment: bool = True
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "step"
+    step_size: int | None = None
+    gamma: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    compile: bool = False
+    checkpoint_every: int = 0
+    diagnostics_every: int = 0
+    tensorboard: bool = False
+
+    def method(self) -> Method:
+        """The run's [`fwdtrans.Method`][fwdtrans.Method] (validated)."""
+        return Method(**{f.name: getattr(self, f.name) for f in fields(Method)})
+
+    def validate(self) -> TrainConfig:
+        """Refuse a bad value before anything runs; return the config with the paper's schedule
+        filled in for the data set where ``step_size``/``gamma`` are ``None``."""
+        checks = [
+            (self.model == "resnet18", "model", "the CLI trains resnet18; use fwdtrans.convert for other models"),
+            (self.width >= 1, "width", "use a positive integer"),
+            (self.blocks >= 2, "blocks", "use at least 2 (one block has no cut)"),
+            (self.heads in _HEADS, "heads", f"use one of {', '.join(_HEADS)}"),
+            (self.head_width is None or self.head_width >= 1, "head_width", "use a positive integer"),
+            (self.dataset in DATASETS, "dataset", f"use one of {', '.join(DATASETS)}"),
+            (self.limit >= 0, "limit", "use 0 (all images) or a positive count"),
+            (self.epochs >= 1, "epochs", "use at least 1"),
+            (self.batch_size >= 1, "batch_size", "use at least 1"),
+            (math.isfinite(self.lr) and self.lr > 0, "lr", "use a positive learning rate"),
+            (0 <= self.momentum < 1, "momentum", "use a value in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay", "use a value >= 0"),
+            (self.schedule in SCHEDULES, "schedule", f"use one of {', '.join(SCHEDULES)}"),
+            (self.step_size is None or self.step_size >= 1, "step_size", "use at least 1 epoch"),
+            (self.gamma is None or 0 < self.gamma <= 1, "gamma", "use a value in (0, 1]"),
+            (self.threads is None or self.threads >= 1, "threads", "use at least 1"),
+            (self.checkpoint_every >= 0, "checkpoint_every", "use 0 (end of each epoch only) or a step count"),
+            (self.diagnostics_every >= 0, "diagnostics_every", "use 0 (off) or a step count"),
+        ]
+        for ok, key, fix in checks:
+            if not ok:
+                raise FwdTransError(f"{key}={getattr(self, key)!r} is not valid: {fix}.")
+        self.method()
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise FwdTransError("tensorboard=True needs the tensorboard package. Fix: pip install tensorboard, or "
+                                "leave it off (metrics.jsonl is always written).")
+        resolve_device(self.device)
+        step_size, gamma = _PAPER_SCHEDULE.get(self.dataset, (30, 0.2))
+        return dataclasses.replace(self, step_size=self.step_size or step_size,
+                                   gamma=self.gamma if self.gamma is not None else gamma)
+
+    def head_spec(self) -> HeadSpec:
+        scale = self.width / 64
+        if self.heads == "cnn":
+            return CNNHead(width=self.head_width or max(4, round((16 if self.blocks == 16 else 32) * scale)))
+        if self.heads == "mlp":
+            return MLPHead(width=self.head_width or max(16, round((512 if self.blocks == 16 else 1024) * scale)))
+        return LinearHead() if self.heads == "linear" else AutoHead()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; refuse a device this machine does not have."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise FwdTransError(f"device={name!r} is not a device. Fix: use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise FwdTransError(f"device={name!r}: this machine has {count} CUDA device(s). Fix: use --device auto "
+                                "or cpu, or a cuda:N that exists.")
+    elif device.type != "cpu" and not getattr(torch, device.type).is_available():
+        raise FwdTransError(f"device={name!r} is not available here. Fix: use --device auto or cpu.")
+    return device
+
+
+@torch.no_grad()
+def evaluate(converted: fwdtrans.Converted, x: torch.Tensor, y: torch.Tensor, mean, std, *, heads: bool = False,
+             batch_size: int = 500) -> dict[str, float]:
+    """Test loss and top-1 accuracy of ``converted`` in eval mode (and each head's loss with
+    ``heads``) on uint8 images ``x``; restores the training flag."""
+    was_training = converted.training
+    converted.eval()
+    last = len(converted.blocks) - 1
+    sums = {"test_loss": 0.0, "test_accuracy": 0.0, **{f"test_loss/head{j}": 0.0 for j in range(last) if heads}}
+    for xb, yb in batches(x, y, batch_size, mean=mean, std=std, shuffle=False, augment=False):
+        h = (xb,)
+        for j, block in enumerate(converted.blocks):
+            h = (block(*h),)
+            if heads and j < last:
+                sums[f"test_loss/head{j}"] += float(F.cross_entropy(converted.heads[j](*h), yb, reduction="sum"))
+        sums["test_loss"] += float(F.cross_entropy(h[0], yb, reduction="sum"))
+        sums["test_accuracy"] += float((h[0].argmax(-1) == yb).sum())
+    converted.train(was_training)
+    return {k: v / max(len(y), 1) for k, v in sums.items()}
+
+
+def _build(config: TrainConfig, data: ImageDataset) -> fwdtrans.Converted:
+    # the paper's settings: 8 blocks = one residual block each, 16 blocks = one layer each, no skips
+    model = resnet18(num_classes=data.num_classes, width=config.width, skip=config.blocks != 16,
+                     in_channels=data.channels)
+    blocks = model.paper_cuts() if config.blocks in (8, 16) else config.blocks
+    example = data.train_x[:2].float()
+    return fwdtrans.convert(model, example, blocks=blocks, heads=config.head_spec(), seed=config.seed,
+                            **{f.name: getattr(config, f.name) for f in fields(Method)})
+
+
+def _rng_state(converted) -> dict:
+    state = {"torch": torch.get_rng_state(), "generator": converted.generator.get_state(),
+             "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(converted, state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    converted.generator.set_state(state["generator"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _versions() -> dict:
+    return {"fwdtrans": fwdtrans.__version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _data_identity(data: ImageDataset, train_size: int) -> dict:
+    return {"name": data.name, "train": train_size, "test": len(data.test_y), "classes": data.num_classes,
+            "shape": list(data.image_shape)}
+
+
+def _check_resumable(recorded: dict, config: TrainConfig, data: dict, run: RunDir) -> None:
+    """Refuse to resume a run directory recorded with other settings, naming the differing keys."""
+    if recorded.get("format") != FORMAT:
+        raise FwdTransError(f"{run.config} has format {recorded.get('format')!r}; this fwdtrans writes format "
+                            f"{FORMAT}. Fix: start the run in a new --run-dir.")
+    old, new = recorded["config"], asdict(config)
+    differing = sorted(k for k in old.keys() | new.keys() if k not in EXECUTION_KEYS and old.get(k) != new.get(k))
+    if recorded.get("data") != data:
+        differing.append("data")
+    if differing:
+        details = "; ".join(f"{k}: recorded {old.get(k, recorded.get(k))!r}, now {new.get(k, data)!r}"
+                            for k in differing)
+        raise FwdTransError(f"{run.path} holds a run with other settings ({details}). Only {', '.join(EXECUTION_KEYS)} "
+                            "may change when a run resumes. Fix: repeat the recorded settings (see its config.json), "
+                            "or use a new --run-dir.")
+
+
+class _Epoch:
+    """Running sums of one epoch's per-step metrics (saved in mid-epoch checkpoints)."""
+
+    def __init__(self, sums: dict | None = None):
+        self.sums: dict[str, list[float]] = sums or {}
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            total = self.sums.setdefault(k, [0.0, 0])
+            total[0] += v
+            total[1] += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: s / n for k, (s, n) in self.sums.items()}
+
+
+def train(config: TrainConfig, *, run_dir: str | None = None, progress: Callable | None = None,
+          log: Callable[[str], None] | None = None) -> dict:
+    """Train with ``config``; return the summary (also written to ``run_dir/summary.json``).
+
+    With ``run_dir``, the run is checkpointed and resumable (see the module docstring); a finished
+    run is not trained again (its summary is returned; a larger ``epochs`` extends it).
+    ``progress`` wraps each epoch's batch iterator (e.g. ``functools.partial(tqdm, ...)``), ``log``
+    receives one line per epoch.
+
+    Example:
+        >>> summary = train(TrainConfig(width=2, blocks=2, heads="linear", epochs=1, limit=64,
+        ...                             batch_size=32))
+        >>> [e["epoch"] for e in summary["epochs"]]
+        [1]
+    """
+    config = config.validate()
+    device = resolve_device(config.device)
+    run = RunDir(run_dir) if run_dir is not None else None
+    if run is not None:
+        run.prepare()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    data = load_dataset(config.dataset, config.data_dir)
+    train_size = min(config.limit or len(data.train_y), len(data.train_y))
+    if config.batch_size > train_size:
+        raise FwdTransError(f"batch_size={config.batch_size} is larger than the {train_size} training images. "
+                            "Fix: lower --batch-size or raise --limit.")
+    identity = _data_identity(data, train_size)
+    recorded = run.read_config() if run is not None else None
+    if recorded is not None:
+        _check_resumable(recorded, config, identity, run)
+        if run.summary.is_file():
+            done = json.loads(run.summary.read_text())
+            if done["config"]["epochs"] == config.epochs:  # finished: nothing to train
+                return done
+    checkpoint = load_checkpoint(run.checkpoint) if run is not None and run.checkpoint.is_file() else None
+
+    torch.manual_seed(config.seed)
+    converted = _build(config, data).to(device)
+    train_x, train_y = data.train_x[:train_size].to(device), data.train_y[:train_size].to(device)
+    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+    optimizer = torch.optim.SGD(converted.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    per_epoch = num_batches(train_size, config.batch_size, drop_last=True)
+    epoch, start, step, history, running = 0, 0, 0, [], _Epoch()
+    if checkpoint is not None:
+        converted.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        _set_rng_state(converted, checkpoint["rng"])
+        epoch, start, step, history = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"], checkpoint["history"]
+        running = _Epoch(checkpoint["sums"])
+    if epoch > config.epochs:
+        raise FwdTransError(f"{run.path} has already trained {epoch} epochs; epochs={config.epochs} cannot shrink it. "
+                            f"Fix: pass --epochs {epoch} or more.")
+    method = converted.method
+    segment = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
+               "threads": torch.get_num_threads(), "compile": config.compile, "epochs": config.epochs,
+               "start_epoch": epoch, "start_step": step, "versions": _versions()}
+    if run is not None:
+        write_json(run.config, {"format": FORMAT, "config": asdict(config), "data": identity,
+                                "method": method.to_dict(), "cuts": list(converted.cut_names),
+                                "segments": [*(recorded or {}).get("segments", []), segment]})
+        run.rewrite_metrics(history)  # exactly the epochs the checkpoint holds
+    writer = _tensorboard(run) if config.tensorboard and run is not None else None
+
+    def save(batch: int) -> None:
+        save_checkpoint(run.checkpoint, {"format": FORMAT, "epoch": epoch, "batch": batch, "step": step,
+                                         "model": converted.state_dict(), "optimizer": optimizer.state_dict(),
+                                         "rng": _rng_state(converted), "sums": running.sums, "history": history})
+
+    step_fn = converted.train_step(optimizer, compile=config.compile)
+    step_seconds: list[float] = []
+    began = time.perf_counter()
+    while epoch < config.epochs:
+        tick = time.perf_counter()
+        converted.train()
+        it = batches(train_x, train_y, config.batch_size, mean=data.mean, std=data.std, shuffle=True,
+                     augment=config.augment and data.augment, generator=epoch_generator(config.seed, epoch),
+                     drop_last=True, start=start)
+        if progress is not None:
+            it = progress(it, total=per_epoch, initial=start, desc=f"epoch {epoch + 1}/{config.epochs}")
+        for batch, (xb, yb) in enumerate(it, start):
+            lr = config.lr * lr_factor(config.schedule, step, per_epoch, config.epochs, config.step_size,
+                                       config.gamma)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            diagnostics = {}
+            if config.diagnostics_every and step % config.diagnostics_every == 0:
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    diagnostics = fwdtrans.check(converted, (xb, yb)).metrics()
+            t0 = time.perf_counter()
+            metrics = step_fn(xb, yb)
+            values = {f"train_{k}": float(v) for k, v in metrics.items()}  # train_loss, train_loss/head0, ...
+            step_seconds.append(time.perf_counter() - t0)
+            running.add({**values, **diagnostics})
+            step += 1
+            if hasattr(it, "set_postfix"):
+                it.set_postfix(loss=f"{values['train_loss']:.3f}", lr=f"{lr:.3g}")
+            if run is not None and config.checkpoint_every and step % config.checkpoint_every == 0 \
+                    and batch + 1 < per_epoch:
+                with deferred_interrupts():
+                    save(batch + 1)
+        tested = evaluate(converted, test_x, test_y, data.mean, data.std, heads=method.trains_heads)
+        epoch += 1
+        record = {"epoch": epoch, "step": step, "lr": lr, **running.means(), **tested,
+                  "seconds": time.perf_counter() - tick}
+        history.append(record)
+        start, running = 0, _Epoch()
+        if run is not None:
+            with deferred_interrupts():  # the checkpoint holds the epoch before metrics.jsonl does
+                save(0)
+                run.append_metrics(record)
+        if writer is not None:
+            for k, v in record.items():
+                if k != "epoch":
+                    writer.add_scalar(k, v, epoch)
+            writer.flush()
+        if log is not None:
+            log(f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f}  test loss "
+                f"{record['test_loss']:.4f}  test accuracy {record['test_accuracy']:.2%}  ({record['seconds']:.0f} s)")
+    if writer is not None:
+        writer.close()
+    summary = {
+        "config": asdict(config),
+        "method": method.to_dict(),
+        "cuts": list(converted.cut_names),
+        "data": identity,
+        "epochs": history,
+        "test_accuracy": history[-1]["test_accuracy"],
+        # the first step pays one-off costs (with --compile: the compilation), reported on its own
+        "first_step_seconds": step_seconds[0] if step_seconds else None,
+        "seconds_per_step": (sum(step_seconds[1:]) / (len(step_seconds) - 1) if len(step_seconds) > 1
+                             else step_seconds[0] if step_seconds else None),
+        "seconds": time.perf_counter() - began,
+        "device": str(device),
+        "versions": _versions(),
+    }
+    if run is not None:
+        save_torch(run.model, converted.original_state_dict())
+        write_json(run.summary, summary)
+    return summary
+
+
+def _tensorboard(run: RunDir):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run.path / "tensorboard"))
