@@ -10,7 +10,7 @@ BENCH_JSON ?= bench/results.json bench/results-scaling.json
 MEMORY_JSON ?= bench/results-memory.json
 PAGE ?= docs/performance-results.md
 
-.PHONY: demo test bench bench-scaling bench-memory bench-page docs clean
+.PHONY: demo test bench bench-scaling bench-memory bench-page gpu-check docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench-memory: $(BENCH_STAMP)
 
 bench-page: $(BENCH_STAMP)
 	$(PY) bench/make_page.py $(BENCH_JSON) $(foreach f,$(MEMORY_JSON),--memory $(f)) -o $(PAGE)
+
+# on one CUDA GPU, under 10 minutes: tests/test_cuda.py, step time and memory, a CIFAR-10 epoch -> bench/results-gpu.json
+gpu-check: $(BENCH_STAMP)
+	$(PY) bench/gpu_check.py
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
