@@ -1,4 +1,5 @@
-"""The command line: ``fwdtrans train`` (one resumable run) and ``fwdtrans demo`` (three methods side by side).
+"""The command line: ``fwdtrans train`` (one resumable run), ``fwdtrans study`` (a grid of runs and its
+tables) and ``fwdtrans demo`` (three methods side by side).
 
 Every option is a field of :class:`TrainConfig`; the flags, their types, choices and defaults are
 generated from it, so the CLI, the config recorded in a run directory and the Python API agree.
@@ -21,8 +22,11 @@ from .. import _method
 from .._errors import FwdTransError
 from ._datasets import DATASETS
 from ._loop import TrainConfig, train
+from ._presets import PRESETS, preset
 from ._rundir import write_json
 from ._schedule import SCHEDULES
+from ._study import estimate, run_study
+from ._studyspec import cells, load_spec
 
 __all__ = ["main"]
 
@@ -69,6 +73,8 @@ _HELP = {
     "checkpoint_every": "also checkpoint every N steps (0: at the end of each epoch only)",
     "diagnostics_every": "every N steps, record per block cos(guess, target) (Eq. 6) and cos(estimate, true gradient)",
     "tensorboard": "also write TensorBoard scalars to RUN_DIR/tensorboard (needs tensorboard installed)",
+    "probe_epochs": "after training, train fresh heads N epochs on the frozen network's block outputs and record "
+                    "their per-block losses (the paper's Figure 2, for methods that train no heads)",
 }
 _CHOICES = {
     "model": ("resnet18",), "heads": ("auto", "cnn", "mlp", "linear"), "target": _method.TARGETS,
@@ -114,6 +120,22 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=formatter)
     _add_config_options(d, method=False, defaults=DEMO_DEFAULTS)
     d.add_argument("--out", default=None, help="JSON file for the table (written atomically)")
+    s = sub.add_parser("study", help="run a grid of runs (a preset of the paper's tables, or a TOML file) and write "
+                       "its tables and plots", formatter_class=formatter,
+                       description="Run a study: one resumable run directory per cell under --out, then the table "
+                                   "(markdown, CSV) beside the paper's numbers, and plots. The same command resumes it.")
+    s.add_argument("preset", nargs="?", default=None, help="a preset (see --list)")
+    s.add_argument("--config", default=None, help="a study in a TOML file instead of a preset")
+    s.add_argument("--out", default=None, help="the study's folder")
+    s.add_argument("--full", action="store_true", help="the preset's full version (mini: more heads, fixed NTK)")
+    s.add_argument("--list", action="store_true", help="list the presets with their run counts")
+    s.add_argument("--dry-run", action="store_true", help="list the runs with their status and estimated time")
+    s.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
+    s.add_argument("--data-dir", default=None, help="folder holding the data sets in their official layouts "
+                   "(cifar-10-batches-py/, cifar-100-python/, fashion-mnist/, Imagenet32_*_npz/); default: the "
+                   "CIFAR-10 subset shipped with fwdtrans")
+    s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
     return parser
 
 
@@ -133,6 +155,27 @@ def _log(line: str) -> None:
     print(line, flush=True)
 
 
+def _study(args: argparse.Namespace) -> int:
+    if args.list:
+        print(f"{'preset':<16} {'runs':>5}  description")
+        for name, p in PRESETS.items():
+            print(f"{name:<16} {len(cells(p.build(False))):>5}  {p.description}")
+        return 0
+    if (args.preset is None) == (args.config is None):
+        raise FwdTransError("name a preset or pass --config FILE (one of them). Fix: fwdtrans study --list shows the "
+                            "presets.")
+    if args.out is None:
+        raise FwdTransError("--out DIR is needed: the study's runs, tables and plots go there.")
+    spec = preset(args.preset, full=args.full) if args.preset else load_spec(args.config)
+    options = {"data_dir": args.data_dir, "device": args.device, "threads": args.threads}
+    if args.dry_run:
+        estimate(spec, args.out, log=_log, **options)
+        return 0
+    run_study(spec, args.out, jobs=args.jobs, log=_log, progress=_progress(), **options)
+    print(f"tables and plots: {args.out}/table.md, table.csv, *.png")
+    return 0
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -142,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # a scheduler's SIGTERM = Ctrl-C
     try:
+        if args.command == "study":
+            return _study(args)
         if args.command == "train":
             summary = train(_config(args), run_dir=args.run_dir, progress=_progress(), log=_log)
             ms = summary["seconds_per_step"]

@@ -11,6 +11,7 @@ epoch (data order and augmentation, ``_batches``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -37,7 +38,7 @@ from ._datasets import DATASETS, ImageDataset, load_dataset
 from ._rundir import FORMAT, RunDir, deferred_interrupts, load_checkpoint, save_checkpoint, save_torch, write_json
 from ._schedule import SCHEDULES, lr_factor
 
-__all__ = ["EXECUTION_KEYS", "TrainConfig", "evaluate", "train"]
+__all__ = ["EXECUTION_KEYS", "TrainConfig", "build", "evaluate", "resolve_device", "train"]
 
 # settings that may change when a run resumes: they change how, where or what is logged, not what is trained
 EXECUTION_KEYS = ("epochs", "device", "threads", "compile", "checkpoint_every", "diagnostics_every", "tensorboard",
@@ -60,7 +61,9 @@ class TrainConfig:
     epochs (``None``: the paper's, 30 and 0.2, ImageNet32 20 and 0.1). Execution (may differ when
     a run resumes): ``device`` (``"auto"``: CUDA when available), ``threads``, ``compile``,
     ``checkpoint_every`` steps, ``diagnostics_every`` steps (per-block cosines, Eq. 6),
-    ``tensorboard``.
+    ``tensorboard``. ``probe_epochs``: after training, fresh heads are trained that many epochs on
+    the frozen network's block outputs, for per-block losses of methods that train no heads (the
+    paper's Figure 2).
 
     Example:
         >>> TrainConfig(width=4, blocks=2, epochs=1).validate().schedule
@@ -101,6 +104,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     diagnostics_every: int = 0
     tensorboard: bool = False
+    probe_epochs: int = 0
 
     def method(self) -> Method:
         """The run's [`fwdtrans.Method`][fwdtrans.Method] (validated)."""
@@ -128,6 +132,7 @@ class TrainConfig:
             (self.threads is None or self.threads >= 1, "threads", "use at least 1"),
             (self.checkpoint_every >= 0, "checkpoint_every", "use 0 (end of each epoch only) or a step count"),
             (self.diagnostics_every >= 0, "diagnostics_every", "use 0 (off) or a step count"),
+            (self.probe_epochs >= 0, "probe_epochs", "use 0 (off) or an epoch count"),
         ]
         for ok, key, fix in checks:
             if not ok:
@@ -189,14 +194,17 @@ def evaluate(converted: fwdtrans.Converted, x: torch.Tensor, y: torch.Tensor, me
     return {k: v / max(len(y), 1) for k, v in sums.items()}
 
 
-def _build(config: TrainConfig, data: ImageDataset) -> fwdtrans.Converted:
-    # the paper's settings: 8 blocks = one residual block each, 16 blocks = one layer each, no skips
-    model = resnet18(num_classes=data.num_classes, width=config.width, skip=config.blocks != 16,
-                     in_channels=data.channels)
+def build(config: TrainConfig, image_shape: tuple[int, ...], num_classes: int) -> fwdtrans.Converted:
+    """The paper's ResNet-18 for images of ``image_shape`` (C, H, W), converted with ``config``'s method.
+
+    8 blocks are one residual block each, 16 blocks one layer each, without skip connections (the
+    paper's two settings); other counts balance FLOPs.
+    """
+    model = resnet18(num_classes=num_classes, width=config.width, skip=config.blocks != 16,
+                     in_channels=image_shape[0])
     blocks = model.paper_cuts() if config.blocks in (8, 16) else config.blocks
-    example = data.train_x[:2].float()
-    return fwdtrans.convert(model, example, blocks=blocks, heads=config.head_spec(), seed=config.seed,
-                            **{f.name: getattr(config, f.name) for f in fields(Method)})
+    return fwdtrans.convert(model, torch.zeros(2, *image_shape), blocks=blocks, heads=config.head_spec(),
+                            seed=config.seed, **{f.name: getattr(config, f.name) for f in fields(Method)})
 
 
 def _rng_state(converted) -> dict:
@@ -296,7 +304,7 @@ def train(config: TrainConfig, *, run_dir: str | None = None, progress: Callable
     checkpoint = load_checkpoint(run.checkpoint) if run is not None and run.checkpoint.is_file() else None
 
     torch.manual_seed(config.seed)
-    converted = _build(config, data).to(device)
+    converted = build(config, data.image_shape, data.num_classes).to(device)
     train_x, train_y = data.train_x[:train_size].to(device), data.train_y[:train_size].to(device)
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
     optimizer = torch.optim.SGD(converted.parameters(), lr=config.lr, momentum=config.momentum,
@@ -380,6 +388,7 @@ def train(config: TrainConfig, *, run_dir: str | None = None, progress: Callable
                 f"{record['test_loss']:.4f}  test accuracy {record['test_accuracy']:.2%}  ({record['seconds']:.0f} s)")
     if writer is not None:
         writer.close()
+    probes = _probe(converted, config, data, (train_x, train_y), (test_x, test_y)) if config.probe_epochs else {}
     summary = {
         "config": asdict(config),
         "method": method.to_dict(),
@@ -387,6 +396,7 @@ def train(config: TrainConfig, *, run_dir: str | None = None, progress: Callable
         "data": identity,
         "epochs": history,
         "test_accuracy": history[-1]["test_accuracy"],
+        "probes": probes,
         # the first step pays one-off costs (with --compile: the compilation), reported on its own
         "first_step_seconds": step_seconds[0] if step_seconds else None,
         "seconds_per_step": (sum(step_seconds[1:]) / (len(step_seconds) - 1) if len(step_seconds) > 1
@@ -399,6 +409,53 @@ def train(config: TrainConfig, *, run_dir: str | None = None, progress: Callable
         save_torch(run.model, converted.original_state_dict())
         write_json(run.summary, summary)
     return summary
+
+
+def _probe(converted: fwdtrans.Converted, config: TrainConfig, data: ImageDataset, train_set, test_set) -> dict:
+    """Per-block losses of fresh heads trained on the frozen, detached block outputs (eval mode):
+    ``probe_train_loss/head{j}`` (the last probe epoch's mean) and ``probe_test_loss/head{j}``.
+    The network is not touched and the run's random state is left as it was."""
+    devices = [train_set[0].device] if train_set[0].device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed)
+        heads = copy.deepcopy(converted.heads).train()
+        for m in heads.modules():
+            if m is not heads and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        optimizer = torch.optim.SGD(heads.parameters(), lr=0.05, momentum=0.9, weight_decay=config.weight_decay)
+        converted.eval()
+        out: dict[str, float] = {}
+        for epoch in range(config.probe_epochs):
+            sums = torch.zeros(len(heads))
+            count = 0
+            for xb, yb in batches(*train_set, config.batch_size, mean=data.mean, std=data.std, shuffle=True,
+                                  augment=config.augment and data.augment, drop_last=True,
+                                  generator=epoch_generator(config.seed + 1, epoch)):
+                losses = torch.stack([F.cross_entropy(head(h), yb) for head, h in zip(heads, _features(converted, xb))])
+                optimizer.zero_grad()
+                losses.sum().backward()
+                optimizer.step()
+                sums += losses.detach().cpu()
+                count += 1
+            out = {f"probe_train_loss/head{j}": float(v) / count for j, v in enumerate(sums)}
+        heads.eval()
+        tests = torch.zeros(len(heads))
+        with torch.no_grad():
+            for xb, yb in batches(*test_set, 500, mean=data.mean, std=data.std, shuffle=False, augment=False):
+                tests += torch.stack([F.cross_entropy(head(h), yb, reduction="sum")
+                                      for head, h in zip(heads, _features(converted, xb))]).cpu()
+        converted.train()
+    return {**out, **{f"probe_test_loss/head{j}": float(v) / len(test_set[1]) for j, v in enumerate(tests)}}
+
+
+@torch.no_grad()
+def _features(converted: fwdtrans.Converted, x: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of every block but the last."""
+    h, out = (x,), []
+    for block in converted.blocks[:-1]:
+        h = (block(*h),)
+        out.append(h[0])
+    return out
 
 
 def _tensorboard(run: RunDir):

@@ -1,0 +1,192 @@
+"""``fwdtrans study``: TOML validation, resume after a crash, the table in the paper's layout, end to end."""
+
+import csv
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fwdtrans._errors import FwdTransError
+from fwdtrans.app._cli import main
+from fwdtrans.app._report import format_table
+from fwdtrans.app._studyspec import Column, Override, Row, StudySpec, auto_engine, cells, load_spec
+
+STUDY = """
+name = "tiny"
+title = "A tiny study"
+seeds = [0]
+notes = "For the tests."
+
+[train]
+width = 2
+blocks = 2
+heads = "linear"
+limit = 96
+batch_size = 32
+epochs = 2
+
+[[columns]]
+label = "A"
+space = "activity"
+
+[[columns]]
+label = "W"
+space = "weight"
+
+[[rows]]
+label = "E2E"
+guess = "global"
+columns = ["A"]
+paper = { A = "94.5 ± 0.2" }
+
+[[rows]]
+label = "Local, linear"
+guess = "local"
+paper = { A = "65.9 ± 6.7", W = "88.9 ± 0.3" }
+
+[[overrides]]
+match = { space = "weight" }
+set = { lr = 0.01 }
+"""
+
+
+def write(tmp_path, text=STUDY, name="study.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_toml_study_cells(tmp_path):
+    spec = load_spec(write(tmp_path))
+    runs = cells(spec, threads=1)
+    assert [c.name for c in runs] == ["e2e__a__seed0", "local-linear__a__seed0", "local-linear__w__seed0"]
+    assert [c.config.lr for c in runs] == [0.05, 0.05, 0.01]  # the override, in the weight column only
+    assert [c.config.engine for c in runs] == ["forward", "forward", "reference"]  # auto: weight -> reference
+    assert all(c.config.threads == 1 and c.config.epochs == 2 for c in runs)
+
+
+@pytest.mark.parametrize("text, words", [
+    (STUDY.replace('title = "A tiny study"', 'titel = "x"'), "unknown key(s) ['titel']"),
+    (STUDY.replace('width = 2', 'widht = 2'), "unknown key 'widht'"),
+    (STUDY.replace('width = 2', 'width = "2"'), "width='2' has the wrong type"),
+    (STUDY.replace('epochs = 2', 'epochs = 0'), "epochs=0 is not valid"),
+    (STUDY.replace('label = "W"\nspace = "weight"', 'label = "W"\nspace = "weights"'), "space='weights'"),
+    (STUDY.replace('match = { space = "weight" }', 'match = { spaces = "weight" }'), "unknown key 'spaces'"),
+    (STUDY.replace('columns = ["A"]', 'columns = ["B"]'), "names the column(s) ['B']"),
+    (STUDY.replace('seeds = [0]', 'seeds = [-1]'), "'seeds' must be"),
+    (STUDY.replace('[[rows]]\nlabel = "E2E"', '[[rows]]\nlabel = "Local, linear"'), "appear twice"),
+    (STUDY + '\n[[columns]]\nlabel = "X"\ndevice = "cpu"\n', "unknown key 'device'"),
+    ("name = [", "not valid TOML"),
+])
+def test_toml_refusals_name_the_key(tmp_path, text, words):
+    with pytest.raises(FwdTransError) as info:
+        cells(load_spec(write(tmp_path, text)))
+    assert words in str(info.value)
+
+
+def test_auto_engine_follows_the_measured_costs():
+    assert auto_engine({"space": "activity"}) == "forward"
+    assert auto_engine({"space": "activity", "per_sample": "exact"}) == "reference"
+    assert auto_engine({"space": "weight"}) == auto_engine({"space": "span"}) == "reference"
+    assert auto_engine({"space": "weight", "granularity": "joint"}) == "forward"
+
+
+def test_table_places_ours_and_the_paper_in_the_right_cells():
+    spec = StudySpec("t", "T", rows=(Row("E2E", {"guess": "global"}, {"8b A": "94.5 ± 0.2"}, columns=("8b A",)),
+                                     Row("Local, CNN", {"guess": "local"}, {"8b A": "90.4 ± 0.2",
+                                                                            "8b W": "92.0 ± 0.3"})),
+                     columns=(Column("8b A", {"space": "activity"}), Column("8b W", {"space": "weight"})),
+                     seeds=(0, 1, 2), overrides=(Override({"space": "weight"}, {"lr": 0.01}),))
+    runs = cells(spec)
+    accuracy = {"e2e__8b-a": (0.90, 0.92, 0.94), "local-cnn__8b-a": (0.50, 0.60, None),
+                "local-cnn__8b-w": (None, None, None)}
+    results = {c.name: {"state": "done" if accuracy[c.name[:-7]][c.seed] is not None else "unfinished",
+                        "accuracy": accuracy[c.name[:-7]][c.seed]} for c in runs}
+    md, table = format_table(spec, runs, results)
+    lines = md.splitlines()
+    assert lines[0] == "| guess | 8b A | paper | 8b W | paper |"
+    assert lines[2] == "| E2E | 92.0 ± 2.0 | 94.5 ± 0.2 | · |  |"
+    assert lines[3] == "| Local, CNN | 55.0 ± 7.1 (2/3 runs) | 90.4 ± 0.2 |  | 92.0 ± 0.3 |"
+    rows = list(csv.DictReader(table.splitlines()))
+    assert [(r["row"], r["column"], r["finished"], r["mean"], r["paper"], r["engine"]) for r in rows] == [
+        ("E2E", "8b A", "3", "92.00", "94.5 ± 0.2", "forward"),
+        ("Local, CNN", "8b A", "2", "55.00", "90.4 ± 0.2", "forward"),
+        ("Local, CNN", "8b W", "0", "", "92.0 ± 0.3", "reference"),
+    ]
+
+
+def crash_study(after_steps: int, argv: list[str]) -> subprocess.CompletedProcess:
+    """``fwdtrans study argv`` in a process that dies (``os._exit``) before step ``after_steps + 1``."""
+    script = textwrap.dedent(f"""
+        import os, sys, fwdtrans
+        from fwdtrans.app import main
+        original, taken = fwdtrans.Converted.train_step, [0]
+        def train_step(self, optimizer, **kwargs):
+            step = original(self, optimizer, **kwargs)
+            def dying(x, y):
+                if taken[0] == {after_steps}:
+                    os._exit(9)
+                taken[0] += 1
+                return step(x, y)
+            return dying
+        fwdtrans.Converted.train_step = train_step
+        sys.exit(main({argv!r}))
+    """)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_study_resumes_after_a_crash_in_the_middle_of_a_run(tmp_path):
+    out = tmp_path / "out"
+    argv = ["study", "--config", str(write(tmp_path)), "--out", str(out), "--threads", "1", "--device", "cpu"]
+    died = crash_study(6 + 4, argv)  # run 1: 2 epochs x 3 steps; run 2 dies in its second epoch
+    assert died.returncode == 9, died.stderr
+    first = out / "runs" / "e2e__a__seed0"
+    assert (first / "summary.json").is_file()
+    finished_at = (first / "summary.json").stat().st_mtime_ns
+    assert len((out / "runs" / "local-linear__a__seed0" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert main(argv) == 0
+    assert (first / "summary.json").stat().st_mtime_ns == finished_at  # the finished run was not rerun
+    segments = json.loads((out / "runs" / "local-linear__a__seed0" / "config.json").read_text())["segments"]
+    assert [s["start_epoch"] for s in segments] == [0, 1]  # the interrupted run resumed from its checkpoint
+    table = (out / "table.md").read_text()
+    assert "| E2E |" in table and "94.5 ± 0.2" in table and "Not finished" not in table
+    assert len(list(csv.DictReader((out / "table.csv").read_text().splitlines()))) == 3
+
+
+def test_study_dry_run_and_list(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["study", "--config", str(write(tmp_path)), "--out", str(out), "--threads", "1", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "e2e__a__seed0" in text and "new" in text and "estimated" in text
+    assert (out / "step_times.json").is_file() and not (out / "runs").exists()
+    assert main(["study", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "mini" in listing and "paper-table2" in listing
+
+
+def test_study_refuses_bad_invocations(tmp_path, capsys):
+    assert main(["study", "--out", str(tmp_path)]) == 2
+    assert "name a preset" in capsys.readouterr().err
+    assert main(["study", "mini"]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main(["study", "no-such-preset", "--out", str(tmp_path)]) == 2
+    assert "mini" in capsys.readouterr().err
+    assert main(["study", "--config", str(write(tmp_path)), "--out", str(tmp_path / "o"), "--jobs", "0"]) == 2
+    assert "jobs=0" in capsys.readouterr().err
+
+
+def test_smoke_preset_end_to_end(tmp_path, capsys):
+    """The whole pipeline on a few hundred images: runs, table, CSV and plots (with matplotlib)."""
+    out = tmp_path / "smoke"
+    assert main(["study", "smoke", "--out", str(out), "--threads", "2", "--device", "cpu"]) == 0
+    table = (out / "table.md").read_text()
+    assert table.startswith("# Smoke test") and "| E2E (backprop) |" in table and "Engines: A: forward" in table
+    assert "Not finished" not in table and "Failed" not in table
+    summary = json.loads((out / "runs" / "gaussian__a__seed0" / "summary.json").read_text())
+    assert set(summary["probes"]) == {f"probe_{s}_loss/head{j}" for s in ("train", "test") for j in range(3)}
+    metrics = (out / "runs" / "local-linear__a__seed0" / "metrics.jsonl").read_text()
+    assert "guess_cosine/block2" in metrics
+    pytest.importorskip("matplotlib")
+    assert {p.name for p in out.glob("*.png")} == {"accuracy.png", "cosine.png", "local_losses.png"}
