@@ -150,8 +150,8 @@ def test_run_directory_files(tmp_path):
     run = tmp_path / "run"
     assert main(["train", *TINY, "--epochs", "2", "--guess", "local", "--run-dir", str(run),
                  "--diagnostics-every", "2"]) == 0
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl", "model.pt",
-                                                    "summary.json"]
+    assert sorted(p.name for p in run.iterdir() if p.name != ".lock") == [
+        "checkpoint.pt", "config.json", "metrics.jsonl", "model.pt", "summary.json"]
     config = json.loads((run / "config.json").read_text())
     assert config["format"] == 1 and config["config"]["step_size"] == 30 and config["config"]["gamma"] == 0.2
     assert config["data"] == {"name": "cifar10_subset", "train": 96, "test": 1000, "classes": 10,
@@ -306,3 +306,14 @@ def test_tensorboard_is_optional(tmp_path, capsys):
     else:
         assert main(args) == 0
         assert list((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_two_processes_cannot_train_in_one_run_dir(tmp_path, capsys):
+    busy = RunDir(tmp_path / "run")
+    busy.prepare()  # another process holds the run directory
+    try:
+        assert main(["train", *TINY, "--epochs", "1", "--run-dir", str(tmp_path / "run")]) == 2
+        assert "another process is training in" in capsys.readouterr().err
+    finally:
+        busy.release()
+    assert main(["train", *TINY, "--epochs", "1", "--run-dir", str(tmp_path / "run")]) == 0

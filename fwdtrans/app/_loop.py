@@ -282,10 +282,19 @@ def train(config: TrainConfig, *, run_dir: str | None = None, progress: Callable
         [1]
     """
     config = config.validate()
-    device = resolve_device(config.device)
     run = RunDir(run_dir) if run_dir is not None else None
-    if run is not None:
-        run.prepare()
+    if run is None:
+        return _train(config, None, progress, log)
+    run.prepare()
+    try:
+        return _train(config, run, progress, log)
+    finally:
+        run.release()
+
+
+def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
+           log: Callable[[str], None] | None) -> dict:
+    device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
     data = load_dataset(config.dataset, config.data_dir)

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -149,14 +150,27 @@ class RunDir:
         self.model = self.path / "model.pt"
 
     def prepare(self) -> None:
-        """Create the folder, or refuse with the reason when it cannot be written."""
+        """Create the folder and take its lock, or refuse: the folder cannot be written, or another
+        process is training in it. The lock is released when the process ends or :meth:`release`."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=self.path):
-                pass
+            self._lock = open(self.path / ".lock", "w")  # noqa: SIM115 (held until release or exit)
         except OSError as e:
             raise FwdTransError(f"run directory {self.path} cannot be written ({e.strerror or e}). "
                                 "Fix: choose a folder you can write to with --run-dir.") from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise FwdTransError(f"another process is training in {self.path}. Fix: wait for it to finish (or stop "
+                                "it); two processes must not write one run directory.") from None
+
+    def release(self) -> None:
+        """Release the lock taken by :meth:`prepare`."""
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()
+            self._lock = None
 
     def read_config(self) -> dict | None:
         """The recorded ``config.json``, or ``None`` for a new run."""
