@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -190,3 +191,15 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
     assert "guess_cosine/block2" in metrics
     pytest.importorskip("matplotlib")
     assert {p.name for p in out.glob("*.png")} == {"accuracy.png", "cosine.png", "local_losses.png"}
+
+
+def test_jobs_run_cells_in_parallel_processes(tmp_path):
+    out = tmp_path / "out"
+    argv = ["study", "--config", str(write(tmp_path, STUDY.replace("epochs = 2", "epochs = 1"))), "--out", str(out),
+            "--device", "cpu", "--jobs", "2"]
+    assert main(argv) == 0
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == ["e2e__a__seed0", "local-linear__a__seed0", "local-linear__w__seed0"]
+    assert all((out / "runs" / r / "summary.json").is_file() for r in runs)
+    assert json.loads((out / "runs" / runs[0] / "config.json").read_text())["segments"][0]["threads"] == max(
+        1, (os.cpu_count() or 1) // 2)  # each job gets an equal share of the cores
