@@ -3,11 +3,9 @@
 import csv
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
+from crashes import run_until
 
 from fwdtrans._errors import FwdTransError
 from fwdtrans.app._cli import main
@@ -118,30 +116,10 @@ def test_table_places_ours_and_the_paper_in_the_right_cells():
     ]
 
 
-def crash_study(after_steps: int, argv: list[str]) -> subprocess.CompletedProcess:
-    """``fwdtrans study argv`` in a process that dies (``os._exit``) before step ``after_steps + 1``."""
-    script = textwrap.dedent(f"""
-        import os, sys, fwdtrans
-        from fwdtrans.app import main
-        original, taken = fwdtrans.Converted.train_step, [0]
-        def train_step(self, optimizer, **kwargs):
-            step = original(self, optimizer, **kwargs)
-            def dying(x, y):
-                if taken[0] == {after_steps}:
-                    os._exit(9)
-                taken[0] += 1
-                return step(x, y)
-            return dying
-        fwdtrans.Converted.train_step = train_step
-        sys.exit(main({argv!r}))
-    """)
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=False)
-
-
 def test_study_resumes_after_a_crash_in_the_middle_of_a_run(tmp_path):
     out = tmp_path / "out"
     argv = ["study", "--config", str(write(tmp_path)), "--out", str(out), "--threads", "1", "--device", "cpu"]
-    died = crash_study(6 + 4, argv)  # run 1: 2 epochs x 3 steps; run 2 dies in its second epoch
+    died = run_until(argv, 6 + 4)  # run 1: 2 epochs x 3 steps; run 2 dies in its second epoch
     assert died.returncode == 9, died.stderr
     first = out / "runs" / "e2e__a__seed0"
     assert (first / "summary.json").is_file()

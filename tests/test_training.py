@@ -4,10 +4,10 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
+from crashes import run_until
 
 import fwdtrans
 from fwdtrans.app import TrainConfig, batches, load_dataset, train
@@ -24,27 +24,6 @@ def metrics(run_dir) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in RunDir(run_dir).read_metrics()]
 
 
-def crash_after(steps: int, argv: list[str]) -> subprocess.CompletedProcess:
-    """Run ``fwdtrans train argv`` in a fresh process that dies (``os._exit``, no clean-up) when it
-    is about to take step ``steps + 1``."""
-    script = textwrap.dedent(f"""
-        import os, sys, fwdtrans
-        from fwdtrans.app import main
-        original, taken = fwdtrans.Converted.train_step, [0]
-        def train_step(self, optimizer, **kwargs):
-            step = original(self, optimizer, **kwargs)
-            def dying(x, y):
-                if taken[0] == {steps}:
-                    os._exit(9)
-                taken[0] += 1
-                return step(x, y)
-            return dying
-        fwdtrans.Converted.train_step = train_step
-        sys.exit(main({["train", *argv]!r}))
-    """)
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("guess, crash, every", [
     ("local", 3, 0),  # killed right after the first epoch's checkpoint
     ("gaussian", 5, 1),  # random guesses, killed in the middle of epoch 2 (checkpoint every step)
@@ -52,7 +31,7 @@ def crash_after(steps: int, argv: list[str]) -> subprocess.CompletedProcess:
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, guess, crash, every):
     argv = [*TINY, "--epochs", "3", "--guess", guess, "--lr", "0.01", "--checkpoint-every", str(every)]
     assert main(["train", *argv, "--run-dir", str(tmp_path / "whole")]) == 0
-    died = crash_after(crash, [*argv, "--run-dir", str(tmp_path / "crashed")])
+    died = run_until(["train", *argv, "--run-dir", str(tmp_path / "crashed")], crash)
     assert died.returncode == 9, died.stderr
     assert len(metrics(tmp_path / "crashed")) == 1  # the first epoch, and only it, was recorded
     assert main(["train", *argv, "--run-dir", str(tmp_path / "crashed")]) == 0
@@ -175,22 +154,7 @@ def test_diagnostics_do_not_change_training(tmp_path):
 def test_interrupt_keeps_the_last_checkpoint(tmp_path):
     """SIGINT (Ctrl-C) in the middle of epoch 2: exit code 130, epoch 1's checkpoint intact, resumable."""
     run = tmp_path / "run"
-    script = textwrap.dedent(f"""
-        import os, signal, sys, fwdtrans
-        from fwdtrans.app import main
-        original, taken = fwdtrans.Converted.train_step, [0]
-        def train_step(self, optimizer, **kwargs):
-            step = original(self, optimizer, **kwargs)
-            def interrupted(x, y):
-                taken[0] += 1
-                if taken[0] == 5:
-                    os.kill(os.getpid(), signal.SIGINT)
-                return step(x, y)
-            return interrupted
-        fwdtrans.Converted.train_step = train_step
-        sys.exit(main({["train", *TINY, "--epochs", "2", "--run-dir", str(run)]!r}))
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    done = run_until(["train", *TINY, "--epochs", "2", "--run-dir", str(run)], 4, how="interrupt")
     assert done.returncode == 130, done.stderr
     assert "run the same command to resume" in done.stderr
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
