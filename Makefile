@@ -22,6 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+	$(PY) -m pytest --doctest-modules fwdtrans
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir site
 
 $(BENCH_STAMP): $(STAMP) pyproject.toml

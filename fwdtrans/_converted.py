@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import types
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -15,19 +16,25 @@ from ._check import check
 from ._cuts import block_costs, choose_cuts, split
 from ._errors import FwdTransError
 from ._method import Method
-from ._support import attention_context, check_forward_ad, check_recompute
-from ._trace import trace
-from .heads import HeadSpec, build_cut_head
+from ._support import attention_context, check_forward_ad, check_recompute, fused_rnn_free, random_blocks
+from ._trace import leaves, original_target, trace
+from .heads import HeadSpec, build_cut_head, check_head, check_head_keys
 
 __all__ = ["Converted", "convert"]
+
+Inputs = Tensor | tuple | list | Mapping  # one tensor, the inputs of a model with several, or a dict input
 
 
 class Converted(nn.Module):
     """A model cut into blocks, each but the last with an auxiliary head.
 
-    ``converted(x)`` computes what the original ``model(x)`` computed. Parameters live in
-    ``blocks.{j}.<original name>`` and ``heads.{j}.*``; [`original_name`][fwdtrans.Converted.original_name] and
+    ``converted(x)`` computes what the original ``model(x)`` computed (``converted(a, b)`` for a model with
+    several inputs). Parameters live in ``blocks.{j}.<original name>`` and ``heads.{j}.*``;
+    [`original_name`][fwdtrans.Converted.original_name] and
     [`original_state_dict`][fwdtrans.Converted.original_state_dict] map them back to the original model's names.
+
+    A step checks, cheaply, that its inputs match the example inputs given to ``convert`` (per-sample
+    shape, dtype, device; any batch size of at least 1) and that the model is in train mode.
 
     Examples:
         >>> import torch, fwdtrans
@@ -51,7 +58,9 @@ class Converted(nn.Module):
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)  # random guesses and NTK re-initialisation
         self.math_attention = False  # set by convert when the flash attention kernel lacks forward AD
+        self.dropout = (False,) * len(blocks)  # per block: whether it draws random masks; set by convert
         self.crossing_shapes = tuple(crossing_shapes)  # per cut: per-sample shapes of the tensors crossing it
+        self.renamed: dict[str, str] = {}  # top-level names of the original model renamed in the blocks (_trace)
         self._compiled: dict[tuple, Callable] = {}
 
     @property
@@ -81,7 +90,7 @@ class Converted(nn.Module):
     def original_name(self, name: str) -> str:
         """``'blocks.1.layer1.0.conv1.weight'`` -> ``'layer1.0.conv1.weight'``; head names are kept."""
         parts = name.split(".", 2)
-        return parts[2] if parts[0] == "blocks" else name
+        return original_target(parts[2], self.renamed) if parts[0] == "blocks" else name
 
     def original_state_dict(self) -> dict[str, Tensor]:
         """The model's state under the original model's names (heads left out), loadable by the
@@ -100,27 +109,117 @@ class Converted(nn.Module):
         self.load_state_dict({own[k]: v for k, v in state.items() if k in own}, strict=False)
         self.unused = {k: v.detach().clone() for k, v in state.items() if k not in own}
 
-    def compute_gradients(self, x: Tensor, y: Tensor, *, compile: bool | Mapping = False) -> dict[str, Tensor]:
+    def compute_gradients(self, x: Inputs, y: Tensor, *, compile: bool | Mapping = False,
+                          allow_eval: bool = False) -> dict[str, Tensor]:
         """Write the method's gradient into ``p.grad`` of every trained parameter; return metrics.
 
-        Metrics are detached 0-d tensors: ``loss`` (global loss), ``accuracy``, and
-        ``loss/head{j}`` for the heads that were run. ``compile=True``: see
-        [`train_step`][fwdtrans.Converted.train_step].
+        Args:
+            x: the model's input, as in ``convert``'s example inputs: a tensor, a tuple of the inputs of a
+                model with several (``forward(a, b)``: ``(a, b)``), or a dict (``forward(batch)``).
+            y: int64 labels ``(N,)``.
+            compile: see [`train_step`][fwdtrans.Converted.train_step].
+            allow_eval: step a model in eval mode (BatchNorm then normalises with its frozen running
+                statistics); refused otherwise.
+
+        Returns:
+            Detached 0-d tensors: ``loss`` (global loss), ``accuracy``, and ``loss/head{j}`` for the heads
+            that were run.
+
+        Examples:
+            >>> import torch, fwdtrans
+            >>> class TwoInputs(torch.nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.a, self.b, self.fc = torch.nn.Linear(4, 8), torch.nn.Linear(3, 8), torch.nn.Linear(8, 2)
+            ...     def forward(self, a, b):
+            ...         return self.fc(torch.relu(self.a(a) + self.b(b)))
+            >>> converted = fwdtrans.convert(TwoInputs(), (torch.randn(2, 4), torch.randn(2, 3)), blocks=2)
+            >>> metrics = converted.compute_gradients((torch.randn(8, 4), torch.randn(8, 3)), torch.randint(0, 2, (8,)))
         """
-        if y.dtype != torch.long or y.dim() != 1 or y.shape[0] != x.shape[0]:
-            raise FwdTransError(f"labels must be an int64 vector of length {x.shape[0]}, got {y.dtype} {tuple(y.shape)}.")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+        inputs = _engine.as_inputs(x)
+        self._check_step(inputs, y, allow_eval)
+        with attention_context(self.math_attention):
+            return _engine.compute_gradients(self, inputs, y, compile=compile)
+
+    def _check_step(self, inputs: tuple, y: Tensor, allow_eval: bool) -> None:
+        """Refuse, before any work, a step that would fail inside the engine or silently train the wrong thing."""
+        if not self.training and not allow_eval:
+            raise FwdTransError(
+                "the converted model is in eval mode: BatchNorm would normalise with its frozen running statistics "
+                "and dropout would be off (convert keeps the original model's mode). Fix: converted.train() before "
+                "training, or allow_eval=True to train in eval mode on purpose."
+            )
+        param = next(self.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        if torch.is_autocast_enabled(device.type):
+            raise FwdTransError(
+                f"the step runs under torch.autocast({device.type!r}, {torch.get_autocast_dtype(device.type)}), "
+                "which torch.func.jvp does not support (its tangents keep the parameters' dtype while autocast "
+                "lowers the primals', and the op fails), and low precision would blur the directional derivatives "
+                "anyway. Fix: call the step outside torch.autocast (autocast the evaluation only)."
+            )
+        batch = self._check_inputs(inputs, param)
+        if not isinstance(y, Tensor) or y.dtype != torch.long or y.dim() != 1 or y.shape[0] != batch:
+            got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
+            raise FwdTransError(f"labels must be an int64 vector of length {batch}, got {got}.")
+        if batch == 0:
+            raise FwdTransError("the batch is empty (0 samples): there is no loss to train on. "
+                                "Fix: skip empty batches (e.g. DataLoader(..., drop_last=True)).")
+        if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
             raise FwdTransError(
                 f"labels must lie in [0, {self.num_classes}) (the model outputs {self.num_classes} classes), "
                 f"got values in [{int(y.min())}, {int(y.max())}]. Fix: remap the labels or change the model's output size."
             )
-        with attention_context(self.math_attention):
-            return _engine.compute_gradients(self, x, y, compile=compile)
+        if batch == 1:
+            norm = next((n for n, m in self.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                         and m.training), None)
+            if norm is not None:
+                raise FwdTransError(
+                    f"a batch of 1 sample: BatchNorm '{norm}' (train mode) normalises each batch with its own "
+                    "statistics and cannot do so from one sample. Fix: use batches of at least 2 samples (e.g. "
+                    "DataLoader(..., drop_last=True) when the last batch would hold 1)."
+                )
+
+    def _check_inputs(self, inputs: tuple, param: Tensor | None) -> int:
+        """Compare ``inputs`` with the example inputs' per-sample shapes, dtypes and device; return the batch size."""
+        expected = {p: v if v is None or v[1] else (v[0], param.dtype) for p, v in self.input_spec.items()}
+        got = _named_leaves(inputs, self.input_names)
+        if len(inputs) != len(self.input_names) or got.keys() != expected.keys():
+            raise FwdTransError(
+                f"the inputs do not match the example inputs given to convert: expected {_describe(expected)}; got "
+                f"{_describe(got)}. Fix: pass the inputs of a model with several as a tuple, step((a, b), y), and a "
+                "dict input as a dict with the example's keys."
+            )
+        for path, spec in expected.items():
+            leaf = got[path]
+            if spec is None:  # not a tensor in the example inputs: passed on as given
+                continue
+            shape, dtype = spec
+            if not isinstance(leaf, Tensor):
+                fix = f"torch.as_tensor({path})"
+            elif leaf.dtype == torch.uint8 and dtype.is_floating_point:
+                fix = f"{path}.float() / 255, normalised as in training"
+            elif leaf.dtype != dtype:
+                fix = f"{path}.to({dtype})"
+            elif leaf.shape[1:] != shape:
+                fix = f"pass {path} with per-sample shape {shape}, or convert the model with such example inputs"
+            elif param is not None and leaf.device != param.device:
+                fix = f"{path}.to({str(param.device)!r}), the model's device"
+            else:
+                continue
+            raise FwdTransError(f"input {path} is {_show(leaf)}, but the model was converted for {_show(spec)} "
+                                f"(any batch size N). Fix: {fix}.")
+        return next((t.shape[0] for t in got.values() if isinstance(t, Tensor) and t.dim()), 0)
 
     def compiled_gradients(self, options: Mapping | None = None) -> Callable:
         """The step's gradient function, ``torch.compile(..., fullgraph=True, dynamic=False, **options)``;
         built once per ``options`` (torch recompiles it when the method, shapes or dtypes change)."""
         key = tuple(sorted((options or {}).items()))
+        if self.method.space == "weight" and self.method.kind == "projected" and any(self.dropout[:-1]):
+            raise FwdTransError(
+                "compile=True with space='weight' and dropout in a block before the last: the weight-space step runs "
+                "such a block twice and must replay its dropout mask, which a compiled graph cannot. Fix: the eager "
+                "step (compile=False), or remove dropout from the blocks before the last.")
         if key not in self._compiled:
             # dynamo keeps one cache (at most torch._dynamo.config.recompile_limit graphs) per code
             # object, and equal code objects share it: give each model's step a code object of its own
@@ -135,8 +234,15 @@ class Converted(nn.Module):
         return {**super().__getstate__(), "_compiled": {}}
 
     def train_step(self, optimizer: torch.optim.Optimizer, *, diagnostics: bool = False,
-                   compile: bool | Mapping = False) -> Callable[[Tensor, Tensor], dict[str, Tensor]]:
+                   compile: bool | Mapping = False, allow_eval: bool = False) -> Callable[[Inputs, Tensor], dict]:
         """A function ``step(x, y) -> metrics`` that computes the gradients and applies ``optimizer``.
+
+        ``x`` is what [`compute_gradients`][fwdtrans.Converted.compute_gradients] takes: a tensor, a tuple
+        of inputs (``step((a, b), y)`` for ``forward(a, b)``) or a dict. ``optimizer`` must hold the
+        converted model's parameters (``converted.parameters()``, not the original model's): one that holds
+        none of the trained parameters is refused, one that misses some of them (e.g. the heads of a method
+        that trains them) gets a ``UserWarning`` naming them. A model in eval mode is refused at each step
+        unless ``allow_eval=True``.
 
         With ``compile=True`` the whole gradient computation (forward sweep, tangent streams,
         projections, pull-backs) is one ``torch.compile(fullgraph=True)`` graph: the first step
@@ -149,11 +255,18 @@ class Converted(nn.Module):
         target gradient), ``norm_ratio/block{j}`` and ``guess_cosine/block{j}`` (the paper's Eq. 6),
         from [`fwdtrans.check`][fwdtrans.check] on the same batch: about three extra steps' work. Off, they cost
         nothing.
-        """
 
-        def step(x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        Examples:
+            >>> import torch, fwdtrans
+            >>> converted = fwdtrans.convert(fwdtrans.models.resnet18(width=4), torch.randn(2, 3, 32, 32), blocks=2)
+            >>> step = converted.train_step(torch.optim.SGD(converted.parameters(), lr=0.05))
+            >>> metrics = step(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+        """
+        self._check_optimizer(optimizer)
+
+        def step(x: Inputs, y: Tensor) -> dict[str, Tensor]:
             extra = check(self, (x, y)).metrics() if diagnostics else {}
-            metrics = self.compute_gradients(x, y, compile=compile)
+            metrics = self.compute_gradients(x, y, compile=compile, allow_eval=allow_eval)
             metrics.update({k: torch.tensor(v) for k, v in extra.items()})
             if not torch.isfinite(metrics["loss"]):
                 raise FwdTransError(
@@ -165,10 +278,58 @@ class Converted(nn.Module):
 
         return step
 
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse an optimizer that holds none of the trained parameters; warn when it misses some."""
+        groups = getattr(optimizer, "param_groups", None)
+        if groups is None:
+            raise FwdTransError(f"train_step needs a torch.optim.Optimizer, got {type(optimizer).__name__}. "
+                                "Fix: converted.train_step(torch.optim.SGD(converted.parameters(), lr=0.05)).")
+        held = {id(p) for group in groups for p in group["params"]}
+        trained = [(n, p) for n, p in self.named_parameters()
+                   if p.requires_grad and (n.startswith("blocks.") or self.method.trains_heads)]
+        missing = [n for n, p in trained if id(p) not in held]
+        if trained and len(missing) == len(trained):
+            raise FwdTransError(
+                f"the optimizer holds none of the {len(trained)} parameters that this model trains"
+                f"{' (it holds those of another module: the original model? convert works on a copy)' if held else ''}"
+                ", "
+                "so a step would change nothing. Fix: build it from the converted model: "
+                "torch.optim.SGD(converted.parameters(), ...)."
+            )
+        if missing:
+            heads = all(n.startswith("heads.") for n in missing)
+            warnings.warn(
+                f"the optimizer holds {len(trained) - len(missing)} of the {len(trained)} parameters that this model "
+                f"trains; {'the heads (the method trains them): ' if heads else ''}{', '.join(missing[:6])}"
+                f"{f', ... ({len(missing)} in all)' if len(missing) > 6 else ''} get gradients but never change. "
+                "Fix: build the optimizer from converted.parameters(), or freeze them with requires_grad_(False).",
+                UserWarning, stacklevel=3,
+            )
+
+
+def _named_leaves(inputs: tuple, names: tuple[str, ...]) -> dict[str, object]:
+    """The inputs' leaves by path, under the forward argument names: ``{"x": ...}``, ``{"batch['image']": ...}``."""
+    names = (*names, *(f"extra input {i}" for i in range(len(names), len(inputs))))
+    return {path: leaf for name, arg in zip(names, inputs) for path, leaf in leaves(arg, name)}
+
+
+def _show(value) -> str:
+    """``float32 (8, 3, 32, 32)`` for a tensor, ``float32 (N, 3, 32, 32)`` for a per-sample ``(shape, dtype)``."""
+    if isinstance(value, Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')} {tuple(value.shape)}"
+    if isinstance(value, tuple):
+        return f"{str(value[1]).removeprefix('torch.')} (N{''.join(f', {d}' for d in value[0])})"
+    return "anything" if value is None else f"a {type(value).__module__}.{type(value).__qualname__}" + (
+        f" of shape {tuple(value.shape)}" if hasattr(value, "shape") else "")
+
+
+def _describe(leaves_by_path: Mapping[str, object]) -> str:
+    return ", ".join(f"{path}: {_show(v)}" for path, v in leaves_by_path.items()) or "no inputs"
+
 
 def convert(
     model: nn.Module,
-    example_inputs: tuple[Tensor, ...] | Tensor,
+    example_inputs: Inputs,
     *,
     blocks: int | list[str] = 8,
     heads: HeadSpec = "auto",
@@ -195,15 +356,21 @@ def convert(
     Methods page maps each to the paper and gives its cost.
 
     Args:
-        model: any ``nn.Module`` that ``torch.fx`` can trace and that returns logits ``(N, classes)``.
-            It is never modified: ``convert`` works on a deep copy.
-        example_inputs: a tensor or tuple of tensors that ``model`` accepts (batch first).
-        blocks: a block count (cuts placed where exactly one tensor crosses, balancing ``balance``)
-            or a list of names to cut after (see [`fwdtrans.inspect`][fwdtrans.inspect]).
+        model: any ``nn.Module`` that ``torch.fx`` can trace and that returns logits ``(N, classes)``,
+            with its parameters on a real device (not ``meta``). It is never modified: ``convert`` works
+            on a deep copy, in the model's mode (train or eval).
+        example_inputs: what ``model`` accepts (batch first): a tensor, a tuple of the positional inputs
+            of a model with several (``forward(a, b)``: ``(a, b)``), or a dict (``forward(batch)``). Steps
+            must pass inputs of the same structure, per-sample shapes and dtypes; integer inputs (token
+            ids) and masks are passed through, only the blocks' outputs carry tangents.
+        blocks: a block count of at least 2 (cuts placed where exactly one tensor crosses, balancing
+            ``balance``) or a non-empty list of names to cut after (see [`fwdtrans.inspect`][fwdtrans.inspect]).
         heads: ``"auto"`` (paper-style heads within 10% of their block's FLOPs), ``"cnn"``,
-            ``"mlp"``, ``"linear"``, a [`fwdtrans.heads`][fwdtrans.heads] spec, a callable ``shape -> nn.Module``
-            given each cut's per-sample output shape, or a dict from cut names to any of these
-            (``"*"`` for the rest).
+            ``"mlp"``, ``"linear"``, a [`fwdtrans.heads`][fwdtrans.heads] spec, an ``nn.Module``, a callable
+            ``shape -> nn.Module`` given each cut's per-sample output shape, or a dict from cut names (any
+            name ``blocks=`` accepts for the cut) to any of these (``"*"`` for the rest). A module is
+            deep-copied for each cut: the object passed is never trained or moved. Every head is run once on
+            its block's output and must return logits ``(N, classes)``.
         balance: what ``blocks=N`` balances: forward ``"flops"``, ``"params"`` or activation ``"memory"``.
         multi_tensor: also cut where several tensors cross (e.g. inside a residual block); each
             crossing tensor gets its own head, guess and tangent (activity space, ``per_sample="by-loss"``,
@@ -237,10 +404,15 @@ def convert(
         ('layer1.0', 'layer1.1', 'layer2.0', 'layer2.1', 'layer3.0', 'layer3.1', 'layer4.0')
     """
     method = Method(target, guess, space, granularity, tangents, aggregation, per_sample, engine, streams, recompute)
-    if isinstance(example_inputs, Tensor):
-        example_inputs = (example_inputs,)
-    traced = trace(model, tuple(example_inputs), leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+    if isinstance(model, nn.Module) and any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise FwdTransError(
+            f"{type(model).__name__} has parameters on the meta device: shapes without data, nothing to train. "
+            "Fix: materialise it first, e.g. model.to_empty(device='cpu'), then initialise or load its weights."
+        )
+    example_inputs = _engine.as_inputs(example_inputs)
+    traced = trace(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
                    concrete_args=concrete_args)
+    fused_rnn_free(traced.root)  # RNNs on kernels with forward AD (the copy's, never the user's)
     if len(traced.output_shape) != 2:
         raise FwdTransError(
             f"{type(model).__name__} returns shape {traced.output_shape}; fwdtrans needs logits (N, classes). "
@@ -250,22 +422,36 @@ def convert(
     cuts = choose_cuts(traced, blocks, balance, multi_tensor)
     if any(len(c.crossing) > 1 for c in cuts):
         method.check_multi_tensor([c.name for c in cuts if len(c.crossing) > 1])
+    check_head_keys(heads, cuts)
     modules = split(traced, cuts)
-    batch = example_inputs[0].shape[0]
     costs = block_costs(traced, cuts)
-    head_modules = [build_cut_head(heads, cut.shapes, num_classes, name=cut.name, block_flops=cost["flops"] // batch)
-                    for cut, cost in zip(cuts, costs)]
+    head_modules = [build_cut_head(heads, cut.shapes, num_classes, name=cut.name, aliases=cut.aliases,
+                                   block_flops=cost["flops"] // traced.batch) for cut, cost in zip(cuts, costs)]
     converted = Converted(modules, head_modules, [c.name for c in cuts], method, num_classes, seed,
                           tuple(c.shapes for c in cuts))
+    converted.renamed = traced.renamed
     converted.original_keys = tuple(model.state_dict())
     used = {converted.original_name(k) for k in converted.state_dict() if k.startswith("blocks.")}
-    converted.unused = {k: v.detach().clone() for k, v in traced.root.state_dict().items() if k not in used}
+    converted.unused = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in used}
     ref = next(iter(model.parameters()), None)
     if ref is not None:
         converted.to(device=ref.device, dtype=ref.dtype)
+    converted.input_names = tuple(n.target for n in traced.graph.nodes if n.op == "placeholder")[:len(example_inputs)]
+    converted.input_spec = {  # per tensor leaf: per-sample shape and dtype (None: the parameters' dtype)
+        path: (tuple(v.shape[1:]), None if ref is not None and v.dtype == ref.dtype else v.dtype)
+        if isinstance(v, Tensor) else None
+        for path, v in _named_leaves(example_inputs, converted.input_names).items()
+    }
+    converted.eval()  # run every head once on its block's output, leaving BatchNorm statistics as they are
+    with torch.no_grad():
+        h = example_inputs
+        for block, head, name in zip(modules, head_modules, converted.cut_names):
+            h = (block(*h),)
+            check_head(head, h[0], num_classes, name)
     converted.train(model.training)
-    method.warn_if_costly(method.stream_count(len(modules), batch, [len(list(m.parameters())) for m in modules],
+    method.warn_if_costly(method.stream_count(len(modules), traced.batch, [len(list(m.parameters())) for m in modules],
                                          [len(c.crossing) for c in cuts]))
     check_recompute(modules, method)
-    converted.math_attention = check_forward_ad(modules, tuple(example_inputs), method)
+    converted.dropout = random_blocks(modules, example_inputs)
+    converted.math_attention = check_forward_ad(modules, example_inputs, method)
     return converted

@@ -14,6 +14,7 @@ tensor to one tensor; the engine gives each crossing tensor its own head, guess 
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from dataclasses import dataclass
 
@@ -63,7 +64,7 @@ def find_cut_points(traced: Traced, multi_tensor: bool = False) -> list[CutPoint
     nodes = _nodes(traced)
     position = {n: i for i, n in enumerate(nodes)}
     last_use = {n: max((position.get(u, len(nodes)) for u in n.users), default=-1) for n in nodes}
-    batch = next(traced.info[n].shape for n in nodes if n.op == "placeholder")[0]
+    batch = traced.batch
 
     # last node of every module scope, so a point can be named after the modules that end there
     scope_end: dict[str, int] = {}
@@ -94,7 +95,7 @@ def find_cut_points(traced: Traced, multi_tensor: bool = False) -> list[CutPoint
         shape = shapes[0] if len(crossing) == 1 else (batch, sum(math.prod(s[1:]) for s in shapes))
         # name the point after the deepest module that ends here, not counting the leaf layer itself
         modules = sorted((s for s, end in scope_end.items() if end == i), key=lambda s: -s.count("."))
-        containers = [s for s in modules if not (n.op == "call_module" and s == n.target)]
+        containers = [s for s in modules if not (n.op == "call_module" and s == traced.info[n].scope)]
         scope = traced.info[n].scope
         node_name = f"{scope}.{n.name}" if scope and n.op != "call_module" else n.name
         name = (containers or modules or [node_name])[0]
@@ -168,25 +169,36 @@ def block_costs(traced: Traced, cuts: list[CutPoint]) -> list[dict[str, int]]:
 
 def choose_cuts(traced: Traced, blocks: int | list[str], balance: str = "flops",
                 multi_tensor: bool = False) -> list[CutPoint]:
-    """The cut points for ``blocks``: a block count (balancing ``balance``: forward ``"flops"``,
-    ``"params"`` or activation ``"memory"``) or a list of names to cut after."""
+    """The cut points for ``blocks``: a block count of at least 2 (balancing ``balance``: forward
+    ``"flops"``, ``"params"`` or activation ``"memory"``) or a non-empty list of names to cut after."""
     points = find_cut_points(traced, multi_tensor)
     model = type(traced.root).__name__
     if balance not in ("flops", "params", "memory"):
         raise FwdTransError(f"balance={balance!r}: use 'flops', 'params' or 'memory'.")
+    if isinstance(blocks, bool) or not isinstance(blocks, (numbers.Integral, list, tuple)):
+        raise FwdTransError(
+            f"blocks={blocks!r} is neither a block count nor a list of cut names. Fix: pass an int of at least 2 "
+            f"(e.g. blocks=4) or a list of names from fwdtrans.inspect(model, example_inputs)"
+            f"{f', e.g. blocks=[{blocks!r}]' if isinstance(blocks, str) else ''}."
+        )
+    if isinstance(blocks, numbers.Integral):
+        blocks = int(blocks)
+    if (blocks < 2) if isinstance(blocks, int) else not blocks:
+        raise FwdTransError(
+            f"blocks={blocks!r}: fwdtrans needs at least 2 blocks; one block has no cut, so nothing would be "
+            "trained with forward gradients (it is plain backprop). Fix: ask for blocks=2 or more, or name at least "
+            f"one cut ({', '.join(p.name for p in points[:3]) or 'none'}{', ...' if len(points) > 3 else ''}; "
+            "see fwdtrans.inspect(model, example_inputs))."
+        )
     if isinstance(blocks, int):
-        if blocks < 1:
-            raise FwdTransError(f"blocks={blocks}: ask for at least 1 block.")
         if blocks - 1 > len(points):
             raise FwdTransError(
                 f"blocks={blocks} needs {blocks - 1} cut points, but {model} has only {len(points)} places where "
-                f"{'batch-first tensors' if multi_tensor else 'exactly one tensor'} cross "
+                f"{'batch-first tensors cross' if multi_tensor else 'exactly one tensor crosses'} "
                 f"({', '.join(p.name for p in points) or 'none'}). Fix: ask for at most blocks={len(points) + 1}"
                 f"{'' if multi_tensor else ', or allow cuts that several tensors cross (multi_tensor=True)'}; "
                 "see fwdtrans.inspect(model, example_inputs)."
             )
-        if blocks == 1:
-            return []
         costs = [float(getattr(p, balance)) for p in points]
         tail = _totals(traced)[balance] - sum(costs)
         return [points[i] for i in _balanced(costs, float(tail), blocks - 1)]
@@ -195,8 +207,8 @@ def choose_cuts(traced: Traced, blocks: int | list[str], balance: str = "flops",
     for name in blocks:
         if name not in by_alias:
             raise FwdTransError(
-                f"blocks: cannot cut {model} after '{name}': {'no batch-first tensors' if multi_tensor else 'no single tensor'} "
-                f"cross there, or no module of that name ends a segment. Valid cut names: "
+                f"blocks: cannot cut {model} after '{name}': {'no batch-first tensor crosses' if multi_tensor else 'no single tensor crosses'} "
+                f"there, or no module of that name ends a segment. Valid cut names: "
                 f"{', '.join(p.name for p in points)}. Fix: pick names from fwdtrans.inspect(model, example_inputs)"
                 f"{'' if multi_tensor else ', or allow cuts that several tensors cross (multi_tensor=True)'}."
             )

@@ -39,7 +39,7 @@ from . import _projection
 from ._errors import FwdTransError
 from ._guesses import activity_guess, draw_noise, reinitialise, weight_guess
 
-__all__ = ["compute_gradients", "gradients", "push"]
+__all__ = ["as_inputs", "compute_gradients", "gradients", "push"]
 
 State = tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]  # trained params, frozen params, buffers
 
@@ -85,8 +85,13 @@ def push(block: nn.Module, h: Tensor, streams: Tensor, st: State | None = None) 
     return out, tangents, {k: b[0] for k, b in new.items()}
 
 
-def _push_params(block: nn.Module, h: tuple[Tensor, ...], directions: list[Tensor], st: State | None = None) -> Tensor:
-    """``J_theta block(h) . v`` for each of the ``S`` directions (``(S, *p)`` per trained parameter)."""
+def _push_params(block: nn.Module, h: tuple[Tensor, ...], directions: list[Tensor], st: State | None = None,
+                 rng: list[Tensor] | None = None) -> Tensor:
+    """``J_theta block(h) . v`` for each of the ``S`` directions (``(S, *p)`` per trained parameter).
+
+    This runs the block again: ``rng`` (the random state its forward started from, see :func:`_rng`)
+    makes it draw the forward's dropout masks again, and leaves the random state as it found it.
+    """
     trained, frozen, buffers = st or state(block)
     names = list(trained)
 
@@ -94,7 +99,19 @@ def _push_params(block: nn.Module, h: tuple[Tensor, ...], directions: list[Tenso
         return jvp(lambda *p: _call(block, {**frozen, **dict(zip(names, p))}, buffers, *h)[0],
                    tuple(trained.values()), v)[1]
 
-    return vmap(one, randomness="same")(*directions)
+    if rng is None:
+        return vmap(one, randomness="same")(*directions)
+    devices = list(range(len(rng) - 1))
+    with torch.random.fork_rng(devices):
+        torch.set_rng_state(rng[0])
+        for device, s in zip(devices, rng[1:]):
+            torch.cuda.set_rng_state(s, device)
+        return vmap(one, randomness="same")(*directions)
+
+
+def _rng() -> list[Tensor]:
+    """The random state dropout draws from: the CPU's, then every CUDA device's."""
+    return [torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])]
 
 
 # ----------------------------------------------------------------------------- per-block state
@@ -110,6 +127,7 @@ class _Block:
     units: list[list[int]] = field(default_factory=list)  # weight space: parameter indices per unit
     values: Tensor | None = None  # directional derivatives, per stream (and per output sample)
     target: list[Tensor] | None = None  # reference engine: the target gradient in z-space
+    rng: list[Tensor] | None = None  # the random state the block's forward started from, to replay its dropout
 
 
 def _per_sample(method) -> bool:
@@ -150,11 +168,17 @@ def _rows(cotangent: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- the step
-def compute_gradients(model, x: Tensor, y: Tensor, record: dict | None = None, compile=False) -> dict[str, Tensor]:
+def as_inputs(x) -> tuple:
+    """The positional inputs of block 0: a tuple or list holds several inputs; a tensor or a dict is one."""
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def compute_gradients(model, x, y: Tensor, record: dict | None = None, compile=False) -> dict[str, Tensor]:
     """Fill ``p.grad`` for every parameter the method trains, update buffers (unless the loss is not
     finite); return detached metrics.
 
-    ``model`` is a :class:`fwdtrans.Converted`. Old gradients are cleared. ``record``, when given,
+    ``model`` is a :class:`fwdtrans.Converted`; ``x`` its input (see :func:`as_inputs`), which reaches
+    block 0 as is: no tangent is attached to it. Old gradients are cleared. ``record``, when given,
     receives per-block internals (targets, estimates, guesses) for :func:`fwdtrans.check`.
     ``compile`` (``True`` or ``torch.compile`` options) runs :func:`gradients` compiled whole.
     """
@@ -163,13 +187,13 @@ def compute_gradients(model, x: Tensor, y: Tensor, record: dict | None = None, c
     if model.method.guess == "ntk":
         for head in model.heads:
             reinitialise(head, model.generator)
-    noise = draw_noise(model, x.shape[0])
+    noise = draw_noise(model, y.shape[0])
     if compile:
         fn = model.compiled_gradients(compile if isinstance(compile, Mapping) else None)
     else:
         fn = functools.partial(gradients, model, record=record)
     with torch.no_grad():  # torch.func transforms differentiate on their own
-        grads, buffers, metrics = fn((x,), y, noise)
+        grads, buffers, metrics = fn(as_inputs(x), y, noise)
         for name, p in model.named_parameters():
             p.grad = grads.get(name)
         if torch.isfinite(metrics["loss"]):  # a non-finite step leaves the running statistics as they were
@@ -254,13 +278,15 @@ class _Sweep:
             return out, {"buffers": new, "tangents": t}
 
         args = (trained, *(inputs if chain else ()))
+        # the forward engine's weight space runs a block with dropout twice (_push_params): note its masks' seed
+        rng = _rng() if self.forward and self.method.space == "weight" and self.model.dropout[j] else None
         if self.method.recompute and j < len(self.model.blocks) - 1:  # no pull-back kept: _pull recomputes it
             (out, aux), pull = f(*args), None
         else:
             out, pull, aux = vjp(f, *args, has_aux=True)
         new, tangents = aux["buffers"], aux.get("tangents")
         self._save(f"blocks.{j}", new, self.buffers)
-        return _Block(out, inputs, pull), tangents
+        return _Block(out, inputs, pull, rng=rng), tangents
 
     def _pull(self, j: int, cotangent: Tensor) -> tuple:
         """Block ``j``'s vjp of ``cotangent``; recomputes the block's forward if it was not kept."""
@@ -325,7 +351,8 @@ class _Sweep:
         if not self.forward:
             return  # the reference engine derives every value after the sweep
         streams = _stream_directions(method, b)
-        origin = _push_params(model.blocks[j], b.inputs, streams, self.states[j]) if method.space == "weight" else streams
+        origin = _push_params(model.blocks[j], b.inputs, streams, self.states[j], b.rng) if method.space == "weight" \
+            else streams
         if method.target == "local":
             b.values = _contract(origin, b.g, _per_sample(method))
         elif method.streams == "sequential":

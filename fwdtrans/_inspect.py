@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ._cuts import CutPoint, block_costs, choose_cuts, find_cut_points
+from ._engine import as_inputs
 from ._trace import trace
-from .heads import HeadSpec, build_cut_head, head_flops
+from .heads import HeadSpec, build_cut_head, check_head_keys, head_flops
 
 __all__ = ["CutReport", "inspect"]
 
@@ -85,16 +86,15 @@ def inspect(
         >>> import torch, fwdtrans
         >>> report = fwdtrans.inspect(fwdtrans.models.resnet18(width=8), torch.randn(1, 3, 32, 32))
         >>> report.names[:3]
-        ['stem', 'layer1.0', 'layer1.1']
+        ['stem.0', 'stem.1', 'stem']
     """
-    if isinstance(example_inputs, Tensor):
-        example_inputs = (example_inputs,)
-    traced = trace(model, tuple(example_inputs), leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+    traced = trace(model, as_inputs(example_inputs), leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
                    concrete_args=concrete_args)
     plan = ()
     if blocks is not None:
         cuts = choose_cuts(traced, blocks, balance, multi_tensor)
-        batch = example_inputs[0].shape[0]
+        check_head_keys(heads, cuts)
+        batch = traced.batch
         num_classes = traced.output_shape[-1]
         rows = []
         for j, cost in enumerate(block_costs(traced, cuts)):
@@ -103,7 +103,8 @@ def inspect(
                    "head_ratio": 0.0}
             if j < len(cuts):
                 shape = cuts[j].shape[1:]
-                head = build_cut_head(heads, cuts[j].shapes, num_classes, name=cuts[j].name, block_flops=row["flops"])
+                head = build_cut_head(heads, cuts[j].shapes, num_classes, name=cuts[j].name, block_flops=row["flops"],
+                                      aliases=cuts[j].aliases)
                 row["head"] = _describe(head)
                 row["head_flops"] = head_flops(head, shape)
                 row["head_ratio"] = row["head_flops"] / max(row["flops"], 1)

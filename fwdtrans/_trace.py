@@ -12,7 +12,7 @@ import copy
 import functools
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ._errors import FwdTransError
 
-__all__ = ["NodeInfo", "Traced", "trace"]
+__all__ = ["NodeInfo", "Traced", "leaves", "original_target", "trace"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,12 @@ class Traced:
     graph: fx.Graph
     info: dict[fx.Node, NodeInfo]
     output_shape: tuple[int, ...]
+    batch: int = 0  # the example inputs' batch size
+    renamed: dict[str, str] = field(default_factory=dict)  # top-level attributes renamed in root: new -> original
+
+
+# attributes of fx.GraphModule that a submodule, parameter or buffer of the same name would clash with
+_RESERVED = frozenset(dir(fx.GraphModule(nn.Module(), fx.Graph()))) - frozenset(dir(nn.Module()))
 
 
 def _einops() -> tuple[tuple[type, ...], tuple[Callable, ...], object]:
@@ -128,23 +134,75 @@ def trace(
     The user's model is never touched: tracing and profiling run on the copy, and the copy's
     buffers are restored after the profiling run. The model is traced in train and in eval mode;
     if the two graphs differ (Python branches on ``self.training``) tracing is refused, naming
-    the module, since one graph could not serve both modes.
+    the module, since one graph could not serve both modes. ``example_inputs`` are the positional
+    arguments of ``forward``: tensors, or dicts, lists and tuples of them (a dict argument is traced as
+    one placeholder that the graph indexes). Top-level attributes named like an ``fx.GraphModule``
+    attribute (``meta``, ``graph``, ``code``, ...) are renamed in the copy (``Traced.renamed``).
     """
+    if not isinstance(model, nn.Module):
+        raise FwdTransError(
+            f"model is a {type(model).__name__}, not an nn.Module: fwdtrans traces, copies and trains modules. "
+            "Fix: wrap it in a module that holds its parameters, e.g. class Model(nn.Module) whose forward(x) "
+            "calls it."
+        )
+    batch = next((t.shape[0] for _, t in leaves(example_inputs) if isinstance(t, torch.Tensor) and t.dim()), None)
+    if batch is None:
+        raise FwdTransError(f"example_inputs hold no batch-first tensor ({type(example_inputs).__name__}). "
+                            "Fix: pass example_inputs as a tuple of what model(*example_inputs) accepts.")
     root = copy.deepcopy(model)
     einops_layers, einops_functions, einops_module = _einops()
-    leaves = (*tuple(leaf_modules), *einops_layers)
+    leaf_types = (*tuple(leaf_modules), *einops_layers)
     wrapped = (*tuple(autowrap_functions), *einops_functions)
     graphs = {}
     for mode in (True, False):
         root.train(mode)
-        graphs[mode] = _trace_once(root, leaves, wrapped, einops_module, einops_functions, concrete_args, model)
+        graphs[mode] = _trace_once(root, leaf_types, wrapped, einops_module, einops_functions, concrete_args, model)
     root.train(model.training)
     _check_modes_agree(graphs[True], graphs[False], model)
+    renamed = _rename_reserved(root, graphs[model.training])
     gm = fx.GraphModule(root, graphs[model.training])
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    info, out_shape = _profile(gm, example_inputs)
-    return Traced(root, gm.graph, info, out_shape)
+    info, out_shape = _profile(gm, example_inputs, renamed)
+    return Traced(root, gm.graph, info, out_shape, batch, renamed)
+
+
+def leaves(inputs, path: str = "x") -> Iterator[tuple[str, object]]:
+    """``(path, leaf)`` for every leaf of nested tuples, lists and dicts: ``("x[0]['image']", tensor)``."""
+    if isinstance(inputs, (tuple, list)):
+        for i, v in enumerate(inputs):
+            yield from leaves(v, f"{path}[{i}]")
+    elif isinstance(inputs, dict):
+        for k, v in inputs.items():
+            yield from leaves(v, f"{path}[{k!r}]")
+    else:
+        yield path, inputs
+
+
+def _rename_reserved(root: nn.Module, graph: fx.Graph) -> dict[str, str]:
+    """Rename ``root``'s top-level attributes that ``fx.GraphModule`` reserves (a submodule ``meta``
+    clashes with ``GraphModule.meta``), in ``root`` and in the targets of ``graph``; ``{new: original}``."""
+    renamed = {}
+    for name in sorted(_RESERVED & {*root._modules, *root._parameters, *root._buffers}):
+        new = name + "_"
+        while hasattr(root, new) or new in _RESERVED:
+            new += "_"
+        for store in (root._modules, root._parameters, root._buffers):
+            if name in store:
+                store[new] = store.pop(name)
+        if name in root._non_persistent_buffers_set:
+            root._non_persistent_buffers_set ^= {name, new}  # the buffer stays out of the state dict
+        renamed[new] = name
+        for n in graph.nodes:
+            if n.op in ("call_module", "get_attr") and (n.target == name or n.target.startswith(name + ".")):
+                n.target = new + n.target[len(name):]
+    return renamed
+
+
+def original_target(target: str, renamed: dict[str, str]) -> str:
+    """A (possibly renamed) qualified name under the original model's names."""
+    head, dot, rest = target.partition(".")
+    return renamed.get(head, head) + dot + rest
 
 
 def _trace_once(root, leaves, wrapped, einops_module, einops_functions, concrete_args, model) -> fx.Graph:
@@ -196,8 +254,9 @@ def _check_modes_agree(train: fx.Graph, eval_: fx.Graph, model: nn.Module) -> No
 class _Profiler(fx.Interpreter):
     """Runs the graph once, recording shapes, FLOPs and first-use parameter counts."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, renamed: dict[str, str]):
         super().__init__(gm)
+        self.renamed = renamed
         self.info: dict[fx.Node, NodeInfo] = {}
         self._seen: set[int] = set()
 
@@ -219,14 +278,17 @@ class _Profiler(fx.Interpreter):
         else:
             params = 0
         stack = n.meta.get("nn_module_stack") or {}
-        scope = n.target if n.op == "call_module" else (next(reversed(stack)) if stack else "")
+        if n.op == "call_module":
+            scope = original_target(n.target, self.renamed)
+        else:
+            scope = next(reversed(stack)) if stack else ""
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
         self.info[n] = NodeInfo(str(scope), shape, int(counter.get_total_flops()), params)
         return out
 
 
-def _profile(gm: fx.GraphModule, example_inputs) -> tuple[dict, tuple[int, ...]]:
-    profiler = _Profiler(gm)
+def _profile(gm: fx.GraphModule, example_inputs, renamed: dict[str, str]) -> tuple[dict, tuple[int, ...]]:
+    profiler = _Profiler(gm, renamed)
     with preserved_state(gm), torch.no_grad():
         try:
             out = profiler.run(*example_inputs)

@@ -2,33 +2,45 @@
 
 ``convert(..., heads=...)`` accepts ``"auto"`` (the default: the largest paper-style head whose
 forward FLOPs stay under 10% of its block's), ``"cnn"``, ``"mlp"``, ``"linear"``, one of the specs
-below (to choose a width or a budget), any callable ``shape -> nn.Module`` that receives the
-per-sample shape of the block output (e.g. ``(C, H, W)``) and returns a module mapping
-``(N, *shape)`` to logits, or a dict from cut names to any of these (key ``"*"`` for the rest).
+below (to choose a width or a budget), an ``nn.Module`` mapping ``(N, *shape)`` features to logits,
+any callable ``shape -> nn.Module`` that receives the per-sample shape of the block output (e.g.
+``(C, H, W)``) and returns such a module, or a dict from cut names to any of these (key ``"*"`` for
+the rest). A dict key may be any name that ``blocks=[...]`` accepts for the cut (its aliases
+included); a key that names none of the cuts is refused, listing the valid ones.
+
+A module, given directly or returned by a callable, is deep-copied: each cut gets its own head, and
+fwdtrans never trains, moves or otherwise changes the object you passed. ``convert`` runs every head
+once on its block's output for the example inputs and refuses one that does not return logits
+``(N, num_classes)``.
 
 Feature shapes: images ``(C, H, W)`` get the paper's heads; tokens ``(T, D)`` are averaged over
 tokens first; flat features ``(D,)`` get MLP or linear heads.
 
 Examples:
-    >>> import fwdtrans
+    >>> import torch, fwdtrans
     >>> head = fwdtrans.heads.CNNHead(width=8).build((16, 32, 32), num_classes=10)
     >>> sum(p.numel() for p in head.parameters())
-    2226
+    2250
+    >>> mine = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.LazyLinear(10))
+    >>> converted = fwdtrans.convert(fwdtrans.models.resnet18(width=4), torch.randn(2, 3, 32, 32),
+    ...                              blocks=["layer2"], heads={"layer2": mine})
+    >>> converted.heads[0] is mine
+    False
 
 The three families follow the paper (section 4.1 and appendix A.2 of Fournier et al., 2023).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import copy
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ._cuts import unpack
+from ._cuts import CutPoint, unpack
 from ._errors import FwdTransError
 
 __all__ = ["AutoHead", "CNNHead", "HeadSpec", "LinearHead", "MLPHead", "SplitHead", "TokenMean", "head_flops"]
@@ -128,7 +140,8 @@ class AutoHead:
         return LinearHead()
 
 
-HeadSpec = Union[str, CNNHead, MLPHead, LinearHead, AutoHead, Callable[[tuple[int, ...]], nn.Module], Mapping]
+HeadSpec = (str | CNNHead | MLPHead | LinearHead | AutoHead | nn.Module | Callable[[tuple[int, ...]], nn.Module]
+            | Mapping)
 _NAMED = {"cnn": CNNHead(), "mlp": MLPHead(), "linear": LinearHead(), "auto": AutoHead()}
 
 
@@ -145,18 +158,17 @@ def head_flops(head: nn.Module, shape: tuple[int, ...]) -> int:
 
 
 def build_head(spec: HeadSpec, shape: tuple[int, ...], num_classes: int, *, name: str = "",
-               block_flops: int = 0) -> nn.Module:
-    """Instantiate ``spec`` for the block ending at cut ``name`` with per-sample output ``shape``.
+               block_flops: int = 0, aliases: Sequence[str] = ()) -> nn.Module:
+    """Instantiate ``spec`` for the block ending at cut ``name`` (also called ``aliases``) with
+    per-sample output ``shape``; a module is deep-copied.
 
     ``block_flops`` (per sample) sizes ``"auto"`` heads.
     """
     if isinstance(spec, Mapping):
-        if name in spec:
-            spec = spec[name]
-        elif "*" in spec:
-            spec = spec["*"]
-        else:
+        key = next((k for k in (name, *aliases, "*") if k in spec), None)
+        if key is None:
             raise FwdTransError(f"heads: no head for the block ending at '{name}'. Fix: add it, or a '*' entry.")
+        spec = spec[key]
     if isinstance(spec, str):
         if spec not in _NAMED:
             raise FwdTransError(f"heads='{spec}' is unknown. Fix: use one of {sorted(_NAMED)} or a callable.")
@@ -165,12 +177,60 @@ def build_head(spec: HeadSpec, shape: tuple[int, ...], num_classes: int, *, name
         spec = spec.choose(tuple(shape), num_classes, block_flops)
     if isinstance(spec, (CNNHead, MLPHead, LinearHead)):
         return spec.build(tuple(shape), num_classes)
-    if callable(spec):
-        head = spec(tuple(shape))
-        if not isinstance(head, nn.Module):
-            raise FwdTransError(f"the head callable returned {type(head).__name__}, not an nn.Module.")
-        return head
-    raise FwdTransError(f"heads={spec!r}: expected 'auto', 'cnn', 'mlp', 'linear', a head spec, a callable or a dict.")
+    head = spec(tuple(shape)) if callable(spec) and not isinstance(spec, nn.Module) else spec
+    if not isinstance(head, nn.Module):
+        raise FwdTransError(
+            f"heads: the head callable returned {type(head).__name__}, not an nn.Module." if head is not spec else
+            f"heads={spec!r}: expected 'auto', 'cnn', 'mlp', 'linear', a head spec, an nn.Module, a callable or a dict."
+        )
+    return copy.deepcopy(head)
+
+
+def check_head_keys(spec: HeadSpec, cuts: Sequence[CutPoint]) -> None:
+    """Refuse a ``heads`` mapping with a key that names none of ``cuts`` (any name ``blocks=`` accepts for
+    a cut counts), or with two keys for one cut."""
+    if not isinstance(spec, Mapping):
+        return
+    cut_of = {a: c.name for c in cuts for a in c.aliases}
+    unknown = [k for k in spec if k != "*" and k not in cut_of]
+    if unknown:
+        raise FwdTransError(
+            f"heads: {', '.join(map(repr, unknown))} names no cut of this conversion. Valid keys: "
+            f"{', '.join(repr(c.name) for c in cuts)} (or another name of the same cut that blocks= accepts) and '*' "
+            "for the others. Fix: use those keys, or cut there too with blocks=[...]."
+        )
+    named = [cut_of[k] for k in spec if k != "*"]
+    twice = sorted({n for n in named if named.count(n) > 1})
+    if twice:
+        raise FwdTransError(f"heads: several keys name the cut '{twice[0]}'. Fix: keep one key per cut.")
+
+
+def _batched(shape: tuple[int, ...]) -> str:
+    return "(N" + "".join(f", {d}" for d in shape) + ")"
+
+
+def check_head(head: nn.Module, h: Tensor, num_classes: int, name: str) -> None:
+    """Run ``head`` once on its block's output ``h`` (in the caller's mode and grad context); refuse it unless
+    it returns logits ``(N, num_classes)`` (each of a SplitHead's heads on its own tensor)."""
+    pairs = zip(head.heads, unpack(h, head.shapes)) if isinstance(head, SplitHead) else [(head, h)]
+    expected = (h.shape[0], num_classes)
+    for one, x in pairs:
+        try:
+            out = one(x)
+        except Exception as e:  # noqa: BLE001 - any failure of user code is reported with the shapes
+            raise FwdTransError(
+                f"heads: the head of the block ending at '{name}' ({type(one).__name__}) fails on the block's output "
+                f"{tuple(x.shape)}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}. Fix: make it map "
+                f"features {_batched(x.shape[1:])} to logits (N, {num_classes})."
+            ) from None
+        if not isinstance(out, Tensor) or tuple(out.shape) != expected:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise FwdTransError(
+                f"heads: the head of the block ending at '{name}' ({type(one).__name__}) maps the block's output "
+                f"{tuple(x.shape)} to {got}, not to logits {expected} (batch, classes). Fix: make it map "
+                f"features {_batched(x.shape[1:])} to (N, {num_classes}), e.g. ending with nn.Flatten() and "
+                f"nn.Linear(features, {num_classes})."
+            )
 
 
 class SplitHead(nn.Module):
@@ -188,10 +248,10 @@ class SplitHead(nn.Module):
 
 
 def build_cut_head(spec: HeadSpec, shapes: tuple[tuple[int, ...], ...], num_classes: int, *, name: str = "",
-                   block_flops: int = 0) -> nn.Module:
+                   block_flops: int = 0, aliases: Sequence[str] = ()) -> nn.Module:
     """:func:`build_head` for a cut crossed by tensors of per-sample ``shapes`` (a SplitHead for several,
     each with an equal share of the FLOP budget)."""
     if len(shapes) == 1:
-        return build_head(spec, shapes[0], num_classes, name=name, block_flops=block_flops)
-    return SplitHead([build_head(spec, s, num_classes, name=name, block_flops=block_flops // len(shapes))
-                      for s in shapes], shapes)
+        return build_head(spec, shapes[0], num_classes, name=name, block_flops=block_flops, aliases=aliases)
+    return SplitHead([build_head(spec, s, num_classes, name=name, block_flops=block_flops // len(shapes),
+                                 aliases=aliases) for s in shapes], shapes)

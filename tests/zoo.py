@@ -65,24 +65,24 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-class InvertedResidual(nn.Module):
-    def __init__(self, c, expand=2):
+class InvertedResidual(nn.Module):  # bias=True: conv biases before BatchNorm, whose true gradient is zero
+    def __init__(self, c, expand=2, bias=False):
         super().__init__()
         h = c * expand
         self.conv = nn.Sequential(
-            nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6(inplace=True),
-            nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6(inplace=True),
-            nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+            nn.Conv2d(c, h, 1, bias=bias), nn.BatchNorm2d(h), nn.ReLU6(inplace=True),
+            nn.Conv2d(h, h, 3, padding=1, groups=h, bias=bias), nn.BatchNorm2d(h), nn.ReLU6(inplace=True),
+            nn.Conv2d(h, c, 1, bias=bias), nn.BatchNorm2d(c))
 
     def forward(self, x):
         return x + self.conv(x)
 
 
 class MobileNet(nn.Module):
-    def __init__(self, classes=5, c=4):
+    def __init__(self, classes=5, c=4, bias=False):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU6(inplace=True),
-                                      InvertedResidual(c), InvertedResidual(c), InvertedResidual(c))
+        self.features = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1, bias=bias), nn.BatchNorm2d(c), nn.ReLU6(inplace=True),
+                                      *[InvertedResidual(c, bias=bias) for _ in range(3)])
         self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(c, classes))
 
     def forward(self, x):
@@ -136,10 +136,25 @@ class Mixer(nn.Module):
         return self.head(self.norm(self.blocks(x)).mean(1))
 
 
+class LSTMClassifier(nn.Module):  # a sequence classifier: per-step features, two LSTMs, the last step's output
+    def __init__(self, classes=5, features=6, hidden=8):
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(features, hidden), nn.Tanh())
+        self.lstm1 = nn.LSTM(hidden, hidden, batch_first=True)
+        self.lstm2 = nn.LSTM(hidden, hidden, num_layers=2, bidirectional=True)  # sequence first
+        self.fc = nn.Linear(2 * hidden, classes)
+
+    def forward(self, x):
+        h, _ = self.lstm1(self.embed(x))
+        h, _ = self.lstm2(h.transpose(0, 1))
+        return self.fc(h[-1])
+
+
 ZOO = {
     "torchvision-resnet": (TVResNet, (4, 3, 32, 32)),
     "vgg": (VGG, (4, 3, 16, 16)),
     "mobilenet": (MobileNet, (4, 3, 16, 16)),
     "vit": (ViT, (4, 3, 16, 16)),
     "mlp-mixer": (Mixer, (4, 3, 16, 16)),
+    "lstm": (LSTMClassifier, (4, 7, 6)),  # convert must call _support.fused_rnn_free (see tests/test_zoo.py)
 }
