@@ -1,4 +1,4 @@
-# The two commands: `make demo` (main job) and `make test` (tests + docs). Both set everything up.
+# The two commands: `make demo` (main job) and `make test` (lint, types, tests, docs). Both set everything up.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -21,6 +21,8 @@ demo: $(STAMP)
 	$(PY) -m fwdtrans demo --threads 2
 
 test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest
 	$(PY) -m pytest --doctest-modules fwdtrans
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir site

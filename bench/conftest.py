@@ -67,8 +67,9 @@ def _benchmarks_disabled(config) -> bool:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: skipped in the smoke run (--benchmark-disable) unless FWDTRANS_BENCH_ALL=1;"
-                                       " test_step_time.py: FWDTRANS_BENCH_SLOW_ROUNDS timed rounds")
+    config.addinivalue_line("markers", "slow: skipped in the smoke run (--benchmark-disable) unless "
+                                       "FWDTRANS_BENCH_ALL=1; test_step_time.py: FWDTRANS_BENCH_SLOW_ROUNDS timed "
+                                       "rounds")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -125,7 +126,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     """Store each case's ratios to the same run's backprop medians in its ``extra_info``."""
     entries = output_json.get("benchmarks", [])
     rows = report.ratio_rows(entries)
-    for entry, row in zip(entries, rows):
+    for entry, row in zip(entries, rows, strict=False):
         extra = entry.setdefault("extra_info", {})
         extra["ratio_to_backprop"] = row["ratio_backprop"]
         extra["ratio_to_plain_backprop"] = row["ratio_plain"]

@@ -60,9 +60,9 @@ from memory import CASES  # bench/memory.py: the methods' convert() keywords
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's fwdtrans, installed or not (subprocesses run in ROOT with -m)
 
-import fwdtrans
-from fwdtrans.app import TrainConfig
-from fwdtrans.app._rundir import write_json
+import fwdtrans  # noqa: E402 - this checkout's, from the path set above
+from fwdtrans.app import TrainConfig  # noqa: E402
+from fwdtrans.app._rundir import write_json  # noqa: E402
 
 DEFAULT_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
 SECTIONS = ("environment", "tests", "step_time", "cifar10", "step_time_compiled")

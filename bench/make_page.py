@@ -87,13 +87,13 @@ def plot(rows: list[dict]) -> bytes | None:
     styles = {"eager": "-", "compiled": "--"}
     fig, axes = plt.subplots(1, len(widths), figsize=(4.5 * len(widths) + 1.5, 4), sharey=True,
                              squeeze=False, layout="constrained")
-    for ax, width in zip(axes[0], widths):
+    for ax, width in zip(axes[0], widths, strict=False):
         for case in cases:
             for mode, style in styles.items():
                 points = sorted((r["blocks"], r["ratio_backprop"]) for r in scaled
                                 if (r["width"], r["case"], r["mode"]) == (width, case, mode))
                 if points:
-                    ax.plot(*zip(*points), style, marker="o", color=colour[case])
+                    ax.plot(*zip(*points, strict=True), style, marker="o", color=colour[case])
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xticks(js, labels=[str(j) for j in js])

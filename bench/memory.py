@@ -8,7 +8,8 @@ the model, the conversion and the batch were built. Children run with glibc's
 ``MALLOC_MMAP_THRESHOLD_=131072``: every tensor of 128 KiB or more gets its own mapping, returned to
 the system when freed. Without it glibc raises the threshold as tensors are freed and keeps freed
 heap memory, and the resident set measures the allocator's history more than the step's live memory
-(measured here: backprop 333 MiB instead of 187 MiB, and the ratios change with it). CUDA (``--device cuda``): the allocator's peak.
+(measured here: backprop 333 MiB instead of 187 MiB, and the ratios change with it). CUDA (``--device cuda``):
+the allocator's peak.
 A case that fails (e.g. ``flagship-recompute`` before ``convert(..., recompute=True)`` exists) is
 reported with its error; the others still run. ``--json`` writes the configuration, torch version,
 device, date and rows atomically (``bench/make_page.py --memory`` turns it into a table).

@@ -119,7 +119,7 @@ def ratio_table(rows: list[dict]) -> list[str]:
              num(r["ratio_backprop"], ".2f"), num(r["ratio_plain"], ".2f")] for r in rows]
     if paired:
         header.append("paired ratio to backprop")
-        for line, r in zip(body, rows):
+        for line, r in zip(body, rows, strict=False):
             line.append(num(r["ratio_paired"], ".2f"))
     return table(header, body)
 
@@ -133,7 +133,7 @@ def engine_table(rows: list[dict]) -> list[str]:
              f"{e['forward_over_reference']:.2f}"] for e in engines]
     if paired:  # quotient of the two paired ratios to backprop
         header.append("forward / reference (paired)")
-        for line, e in zip(body, engines):
+        for line, e in zip(body, engines, strict=False):
             line.append(num(e["forward_over_reference_paired"], ".2f"))
     return table(header, body)
 

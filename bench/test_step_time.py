@@ -192,7 +192,7 @@ def test_step(benchmark, case: Case, batch, rounds, slow_rounds, backprop_step):
 
         benchmark.pedantic(timed_step, setup=lambda: backprop_times.append(backprop_step()), rounds=n,
                            warmup_rounds=1, iterations=1)
-        pairs = list(zip(times[-n:], backprop_times[-n:]))  # the timed rounds, warm-up left out
+        pairs = list(zip(times[-n:], backprop_times[-n:], strict=False))  # the timed rounds, warm-up left out
         benchmark.extra_info.update(
             paired_backprop_median_ms=1e3 * statistics.median(b for _, b in pairs),
             paired_ratio_to_backprop=statistics.median(t / b for t, b in pairs),

@@ -6,11 +6,15 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from . import _engine
+from ._spaces import space_for
+
+if TYPE_CHECKING:
+    from ._converted import Converted
 
 __all__ = ["BlockCheck", "CheckReport", "check"]
 
@@ -92,19 +96,16 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def _flat(tensors) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
 def _cos(a: Tensor, b: Tensor) -> float:
     denominator = float(a.norm() * b.norm())
     return float((a * b).sum()) / denominator if denominator > 0 else math.nan
 
 
-def _gaps(forward, reference) -> dict[str, float]:
+def _gaps(forward: nn.Module, reference: nn.Module) -> dict[str, float]:
     """Per parameter: ``|forward - reference|`` relative to the norm of its block's (head's) whole reference
     gradient; 0 if neither engine gives it a gradient, inf if only one does."""
-    pairs = {n: (p.grad, q.grad) for (n, p), (_, q) in zip(forward.named_parameters(), reference.named_parameters())}
+    pairs = {n: (p.grad, q.grad)
+             for (n, p), (_, q) in zip(forward.named_parameters(), reference.named_parameters(), strict=True)}
     unit = {n: ".".join(n.split(".")[:2]) for n in pairs}  # blocks.{j} or heads.{j}
     squares: dict[str, float] = {}
     for n, (_, b) in pairs.items():
@@ -118,7 +119,7 @@ def _gaps(forward, reference) -> dict[str, float]:
     return gaps
 
 
-def check(converted, batch: tuple[Tensor, Tensor], *, verbose: bool = False) -> CheckReport:
+def check(converted: Converted, batch: tuple[Any, Tensor], *, verbose: bool = False) -> CheckReport:
     """Run one step of both engines on copies of ``converted`` and report, per block, how the
     estimate compares with the true gradient of its target. ``converted`` is left untouched.
 
@@ -141,9 +142,7 @@ def check(converted, batch: tuple[Tensor, Tensor], *, verbose: bool = False) -> 
     with torch.random.fork_rng(devices, device_type=device.type):  # both engines draw the same dropout masks
         forward.compute_gradients(x, y, allow_eval=True)  # on copies: the caller's mode is the caller's business
     record: dict = {}
-    for p in reference.parameters():
-        p.grad = None
-    _engine.compute_gradients(reference, x, y, record=record)
+    reference._gradients(x, y, record=record)
 
     gaps = _gaps(forward, reference)
     trained = set(dict(forward.blocks.named_parameters(prefix="blocks")))
@@ -153,26 +152,17 @@ def check(converted, batch: tuple[Tensor, Tensor], *, verbose: bool = False) -> 
                     if n in trained and (p.grad is None or p.grad.shape != p.shape or not torch.isfinite(p.grad).all()))
 
     blocks = []
+    space = space_for(converted.method)
     for j in range(len(converted.blocks) - 1):
         block_gap = max((gaps[n] for n in gaps if n.startswith(f"blocks.{j}.")), default=0.0)
         if "blocks" not in record:  # backprop or greedy local learning: the target itself
             blocks.append(BlockCheck(j, 1.0, 1.0, 1.0, block_gap))
             continue
-        b, estimate = record["blocks"][j], record["estimates"][j]
-        if converted.method.space == "weight":
-            if not b.target:
-                continue
-            target, est = _flat(b.target), _flat(estimate)
-            # a tensor whose target is round-off next to the block's (a bias before BatchNorm) has no direction
-            floor = torch.finfo(target.dtype).eps ** 0.5 * float(target.norm())
-            cosines = [_cos(t, v[0]) for t, v in zip(b.target, b.directions) if float(t.norm()) > floor]
-            guess = sum(cosines) / len(cosines) if cosines else math.nan
-        else:
-            target, est = b.target[0], estimate
-            m = len(converted.segments[j])  # tensors packed at a multi-tensor cut
-            first = b.directions.unflatten(0, (m, -1))[:, 0].sum(0)  # each tensor's first guess, together
-            t, v = target.flatten(1), first.flatten(1)
-            guess = sum(_cos(t[n], v[n]) for n in range(t.shape[0])) / t.shape[0]
+        aligned = space.alignment(record["blocks"][j], record["estimates"][j], converted.segments[j])
+        if aligned is None:  # nothing estimated in this block
+            continue
+        target, est, pairs = aligned
+        guess = sum(_cos(t, v) for t, v in pairs) / len(pairs) if pairs else math.nan
         ratio = float(est.norm() / target.norm()) if float(target.norm()) > 0 else math.nan
         blocks.append(BlockCheck(j, _cos(est, target), ratio, guess, block_gap))
     worst = max(gaps, key=gaps.__getitem__, default="")

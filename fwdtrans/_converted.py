@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import functools
-import math
 import types
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import _engine
+from . import _engine, _plan
+from ._blocks import as_inputs
 from ._check import check
 from ._cuts import block_costs, choose_cuts, split
 from ._errors import FwdTransError
-from ._method import Method
+from ._method import Aggregation, Engine, Granularity, GuessOption, Method, PerSample, SpaceName, Streams, Target
+from ._plan import Plan
 from ._support import attention_context, check_forward_ad, check_recompute, fused_rnn_free, random_blocks
 from ._trace import leaves, original_target, trace
 from .heads import HeadSpec, build_cut_head, check_head, check_head_keys
@@ -46,7 +48,7 @@ class Converted(nn.Module):
         ['accuracy', 'loss']
     """
 
-    def __init__(self, blocks: list[nn.Module], heads: list[nn.Module], cut_names: list[str],
+    def __init__(self, blocks: Sequence[nn.Module], heads: Sequence[nn.Module], cut_names: Sequence[str],
                  method: Method, num_classes: int, seed: int = 0,
                  crossing_shapes: tuple[tuple[tuple[int, ...], ...], ...] = ()):
         super().__init__()
@@ -61,20 +63,29 @@ class Converted(nn.Module):
         self.dropout = (False,) * len(blocks)  # per block: whether it draws random masks; set by convert
         self.crossing_shapes = tuple(crossing_shapes)  # per cut: per-sample shapes of the tensors crossing it
         self.renamed: dict[str, str] = {}  # top-level names of the original model renamed in the blocks (_trace)
+        self.original_keys: tuple[str, ...] = ()  # the original model's state dict keys; set by convert
+        self.unused: dict[str, Tensor] = {}  # its entries that the traced graph never reads
+        self.input_names: tuple[str, ...] = ()  # forward's argument names, set by convert
+        # per tensor leaf of the example inputs: per-sample shape and dtype (None: the parameters' dtype)
+        self.input_spec: dict[str, tuple[tuple[int, ...], torch.dtype | None] | None] = {}
         self._compiled: dict[tuple, Callable] = {}
 
     @property
     def segments(self) -> tuple[tuple[int, ...], ...]:
         """Per cut: the per-sample sizes of the tensors crossing it (packed in that order)."""
-        return tuple(tuple(math.prod(t) for t in shapes) for shapes in self.crossing_shapes)
+        return _plan.segments(self.crossing_shapes)
 
     @property
     def cut_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Per cut: the per-sample shape of the block output (one tensor, or ``(D,)`` when packed)."""
-        return tuple(shapes[0] if len(shapes) == 1 else (sum(sizes),)
-                     for shapes, sizes in zip(self.crossing_shapes, self.segments))
+        return _plan.cut_shapes(self.crossing_shapes)
 
-    def _apply(self, fn, recurse=True):  # keep the generator on the parameters' device
+    @property
+    def plan(self) -> Plan:
+        """What the engine reads of this model for a step: blocks, heads, method, cuts' shapes, dropout."""
+        return Plan(tuple(self.blocks), tuple(self.heads), self.method, self.crossing_shapes, self.dropout)
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> Converted:  # keep the generator on the parameters' device
         result = super()._apply(fn, recurse)
         device = next((p.device for p in self.parameters()), torch.device("cpu"))
         if self.generator.device != device:
@@ -96,7 +107,7 @@ class Converted(nn.Module):
         """The model's state under the original model's names (heads left out), loadable by the
         original model. Entries the traced graph never reads are carried along unchanged."""
         own = {self.original_name(k): v for k, v in self.state_dict().items() if k.startswith("blocks.")}
-        return {k: own.get(k, self.unused.get(k)) for k in self.original_keys}
+        return {k: own[k] if k in own else self.unused[k] for k in self.original_keys}
 
     def load_original_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Load a checkpoint of the original model into the blocks."""
@@ -136,10 +147,32 @@ class Converted(nn.Module):
             >>> converted = fwdtrans.convert(TwoInputs(), (torch.randn(2, 4), torch.randn(2, 3)), blocks=2)
             >>> metrics = converted.compute_gradients((torch.randn(8, 4), torch.randn(8, 3)), torch.randint(0, 2, (8,)))
         """
-        inputs = _engine.as_inputs(x)
+        inputs = as_inputs(x)
         self._check_step(inputs, y, allow_eval)
         with attention_context(self.math_attention):
-            return _engine.compute_gradients(self, inputs, y, compile=compile)
+            return self._gradients(inputs, y, compile=compile)
+
+    def _gradients(self, x: Inputs, y: Tensor, *, record: dict | None = None,
+                   compile: bool | Mapping = False) -> dict[str, Tensor]:
+        """The step without the checks: writes ``p.grad`` (old gradients cleared) and the buffers (unless the
+        loss is not finite); returns detached metrics. ``record`` receives the engine's per-block internals."""
+        for p in self.parameters():
+            p.grad = None
+        plan = self.plan
+        noise = _engine.before_step(plan, y.shape[0], self.generator)
+        if compile:
+            fn = self.compiled_gradients(compile if isinstance(compile, Mapping) else None)
+        else:
+            fn = functools.partial(_engine.gradients, plan, record=record)
+        with torch.no_grad():  # torch.func transforms differentiate on their own
+            grads, buffers, metrics = fn(as_inputs(x), y, noise)
+            for name, p in self.named_parameters():
+                p.grad = grads.get(name)
+            if torch.isfinite(metrics["loss"]):  # a non-finite step leaves the running statistics as they were
+                for name, b in self.named_buffers():
+                    if name in buffers:
+                        b.copy_(buffers[name])
+        return metrics
 
     def _check_step(self, inputs: tuple, y: Tensor, allow_eval: bool) -> None:
         """Refuse, before any work, a step that would fail inside the engine or silently train the wrong thing."""
@@ -168,7 +201,8 @@ class Converted(nn.Module):
         if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
             raise FwdTransError(
                 f"labels must lie in [0, {self.num_classes}) (the model outputs {self.num_classes} classes), "
-                f"got values in [{int(y.min())}, {int(y.max())}]. Fix: remap the labels or change the model's output size."
+                f"got values in [{int(y.min())}, {int(y.max())}]. Fix: remap the labels or change the model's output "
+                "size."
             )
         if batch == 1:
             norm = next((n for n, m in self.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -182,7 +216,8 @@ class Converted(nn.Module):
 
     def _check_inputs(self, inputs: tuple, param: Tensor | None) -> int:
         """Compare ``inputs`` with the example inputs' per-sample shapes, dtypes and device; return the batch size."""
-        expected = {p: v if v is None or v[1] else (v[0], param.dtype) for p, v in self.input_spec.items()}
+        param_dtype = param.dtype if param is not None else torch.get_default_dtype()
+        expected = {p: None if v is None else (v[0], v[1] or param_dtype) for p, v in self.input_spec.items()}
         got = _named_leaves(inputs, self.input_names)
         if len(inputs) != len(self.input_names) or got.keys() != expected.keys():
             raise FwdTransError(
@@ -212,14 +247,12 @@ class Converted(nn.Module):
         return next((t.shape[0] for t in got.values() if isinstance(t, Tensor) and t.dim()), 0)
 
     def compiled_gradients(self, options: Mapping | None = None) -> Callable:
-        """The step's gradient function, ``torch.compile(..., fullgraph=True, dynamic=False, **options)``;
+        """The step's gradient function ``(inputs, y, noise) -> (grads, buffers, metrics)``, the engine's
+        ``gradients`` on this model's plan under ``torch.compile(..., fullgraph=True, dynamic=False, **options)``;
         built once per ``options`` (torch recompiles it when the method, shapes or dtypes change)."""
         key = tuple(sorted((options or {}).items()))
-        if self.method.space == "weight" and self.method.kind == "projected" and any(self.dropout[:-1]):
-            raise FwdTransError(
-                "compile=True with space='weight' and dropout in a block before the last: the weight-space step runs "
-                "such a block twice and must replay its dropout mask, which a compiled graph cannot. Fix: the eager "
-                "step (compile=False), or remove dropout from the blocks before the last.")
+        plan = self.plan
+        _engine.check_compilable(plan)
         if key not in self._compiled:
             # dynamo keeps one cache (at most torch._dynamo.config.recompile_limit graphs) per code
             # object, and equal code objects share it: give each model's step a code object of its own
@@ -228,9 +261,9 @@ class Converted(nn.Module):
             own = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__)
             # compile the function itself: torch.compile wraps other callables (a partial) in one shared frame
             self._compiled[key] = torch.compile(own, fullgraph=True, **{"dynamic": False, **dict(key)})
-        return functools.partial(self._compiled[key], self)
+        return functools.partial(self._compiled[key], plan)
 
-    def __getstate__(self):  # copies and pickles compile afresh: a compiled step is bound to this model
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles compile afresh: a compiled step is bound to it
         return {**super().__getstate__(), "_compiled": {}}
 
     def train_step(self, optimizer: torch.optim.Optimizer, *, diagnostics: bool = False,
@@ -310,10 +343,10 @@ class Converted(nn.Module):
 def _named_leaves(inputs: tuple, names: tuple[str, ...]) -> dict[str, object]:
     """The inputs' leaves by path, under the forward argument names: ``{"x": ...}``, ``{"batch['image']": ...}``."""
     names = (*names, *(f"extra input {i}" for i in range(len(names), len(inputs))))
-    return {path: leaf for name, arg in zip(names, inputs) for path, leaf in leaves(arg, name)}
+    return {path: leaf for name, arg in zip(names, inputs, strict=False) for path, leaf in leaves(arg, name)}
 
 
-def _show(value) -> str:
+def _show(value: object) -> str:
     """``float32 (8, 3, 32, 32)`` for a tensor, ``float32 (N, 3, 32, 32)`` for a per-sample ``(shape, dtype)``."""
     if isinstance(value, Tensor):
         return f"{str(value.dtype).removeprefix('torch.')} {tuple(value.shape)}"
@@ -334,16 +367,17 @@ def convert(
     blocks: int | list[str] = 8,
     heads: HeadSpec = "auto",
     balance: str = "flops",
-    target: str = "global",
-    guess: str | Callable = "local",
-    space: str = "activity",
-    granularity: str = "tensor",
-    tangents: int = 1,
-    aggregation: str = "mean",
-    per_sample: str = "by-loss",
-    engine: str = "forward",
-    streams: str = "per-block",
-    recompute: bool = False,
+    method: Method | None = None,
+    target: Target | None = None,
+    guess: GuessOption | None = None,
+    space: SpaceName | None = None,
+    granularity: Granularity | None = None,
+    tangents: int | None = None,
+    aggregation: Aggregation | None = None,
+    per_sample: PerSample | None = None,
+    engine: Engine | None = None,
+    streams: Streams | None = None,
+    recompute: bool | None = None,
     multi_tensor: bool = False,
     seed: int = 0,
     leaf_modules: Iterable[type] = (),
@@ -352,8 +386,9 @@ def convert(
 ) -> Converted:
     """Cut ``model`` into blocks with auxiliary heads, ready to train with forward gradients.
 
-    ``target`` to ``streams`` are the fields of [`fwdtrans.Method`][fwdtrans.Method]; the docs'
-    Methods page maps each to the paper and gives its cost.
+    The method is either ``method=`` a [`fwdtrans.Method`][fwdtrans.Method] or its fields as keywords
+    (``target`` to ``recompute``; a keyword left out, or ``None``, takes the Method's default), not both.
+    The docs' Methods page maps each field to the paper and gives its cost.
 
     Args:
         model: any ``nn.Module`` that ``torch.fx`` can trace and that returns logits ``(N, classes)``,
@@ -372,6 +407,7 @@ def convert(
             deep-copied for each cut: the object passed is never trained or moved. Every head is run once on
             its block's output and must return logits ``(N, classes)``.
         balance: what ``blocks=N`` balances: forward ``"flops"``, ``"params"`` or activation ``"memory"``.
+        method: the whole method, instead of the keywords ``target`` to ``recompute``.
         multi_tensor: also cut where several tensors cross (e.g. inside a residual block); each
             crossing tensor gets its own head, guess and tangent (activity space, ``per_sample="by-loss"``,
             per-block or sequential streams; weight space).
@@ -403,13 +439,15 @@ def convert(
         >>> converted.cut_names
         ('layer1.0', 'layer1.1', 'layer2.0', 'layer2.1', 'layer3.0', 'layer3.1', 'layer4.0')
     """
-    method = Method(target, guess, space, granularity, tangents, aggregation, per_sample, engine, streams, recompute)
+    method = _method(method, target=target, guess=guess, space=space, granularity=granularity,
+                     tangents=tangents, aggregation=aggregation, per_sample=per_sample, engine=engine,
+                     streams=streams, recompute=recompute)
     if isinstance(model, nn.Module) and any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise FwdTransError(
             f"{type(model).__name__} has parameters on the meta device: shapes without data, nothing to train. "
             "Fix: materialise it first, e.g. model.to_empty(device='cpu'), then initialise or load its weights."
         )
-    example_inputs = _engine.as_inputs(example_inputs)
+    example_inputs = as_inputs(example_inputs)
     traced = trace(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
                    concrete_args=concrete_args)
     fused_rnn_free(traced.root)  # RNNs on kernels with forward AD (the copy's, never the user's)
@@ -426,7 +464,8 @@ def convert(
     modules = split(traced, cuts)
     costs = block_costs(traced, cuts)
     head_modules = [build_cut_head(heads, cut.shapes, num_classes, name=cut.name, aliases=cut.aliases,
-                                   block_flops=cost["flops"] // traced.batch) for cut, cost in zip(cuts, costs)]
+                                   block_flops=cost["flops"] // traced.batch)
+                    for cut, cost in zip(cuts, costs, strict=False)]  # the last block has no head
     converted = Converted(modules, head_modules, [c.name for c in cuts], method, num_classes, seed,
                           tuple(c.shapes for c in cuts))
     converted.renamed = traced.renamed
@@ -445,7 +484,7 @@ def convert(
     converted.eval()  # run every head once on its block's output, leaving BatchNorm statistics as they are
     with torch.no_grad():
         h = example_inputs
-        for block, head, name in zip(modules, head_modules, converted.cut_names):
+        for block, head, name in zip(modules, head_modules, converted.cut_names, strict=False):
             h = (block(*h),)
             check_head(head, h[0], num_classes, name)
     converted.train(model.training)
@@ -455,3 +494,19 @@ def convert(
     converted.dropout = random_blocks(modules, example_inputs)
     converted.math_attention = check_forward_ad(modules, example_inputs, method)
     return converted
+
+
+def _method(method: Method | None, **options: Any) -> Method:
+    """``method=``, or a Method from the keywords given (those not ``None``); refuse both at once."""
+    given = {k: v for k, v in options.items() if v is not None}
+    if method is None:
+        return Method(**given)
+    if not isinstance(method, Method):
+        raise FwdTransError(f"method={method!r} is not a fwdtrans.Method. Fix: method=fwdtrans.Method(...), or pass "
+                            "its fields as keywords.")
+    if given:
+        first = next(iter(given))
+        raise FwdTransError(f"convert got method= and the method keyword(s) {', '.join(given)}: give the method "
+                            f"one way. Fix: set them in the Method (dataclasses.replace(method, {first}=...)), or "
+                            "drop method= and pass every field as a keyword.")
+    return method

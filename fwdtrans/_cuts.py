@@ -51,7 +51,7 @@ def pack(*tensors: Tensor) -> Tensor:
 def unpack(x: Tensor, shapes: tuple[tuple[int, ...], ...]) -> tuple[Tensor, ...]:
     """The inverse of :func:`pack` for per-sample ``shapes``."""
     parts = x.split([math.prod(s) for s in shapes], 1)
-    return tuple(t.reshape(-1, *s) for t, s in zip(parts, shapes))
+    return tuple(t.reshape(-1, *s) for t, s in zip(parts, shapes, strict=True))
 
 
 def _nodes(traced: Traced) -> list[fx.Node]:
@@ -88,7 +88,7 @@ def find_cut_points(traced: Traced, multi_tensor: bool = False) -> list[CutPoint
         shapes = [traced.info[v].shape for v in crossing]
         if n not in live or (len(live) > 1 and not multi_tensor):
             continue
-        if any(v.op == "placeholder" or not s or s[0] != batch for v, s in zip(crossing, shapes)):
+        if any(v.op == "placeholder" or not s or s[0] != batch for v, s in zip(crossing, shapes, strict=True)):
             continue
         if any(_in_place(u, traced) for v in crossing for u in v.users):  # the next block would overwrite it
             continue
@@ -107,7 +107,8 @@ def find_cut_points(traced: Traced, multi_tensor: bool = False) -> list[CutPoint
 
 
 def _in_place(node: fx.Node, traced: Traced) -> bool:
-    """Whether ``node`` may write into its input (``ReLU(inplace=True)``, ``x.add_(...)``, ``F.relu(x, inplace=True)``)."""
+    """Whether ``node`` may write into its input (``ReLU(inplace=True)``, ``x.add_(...)``,
+    ``F.relu(x, inplace=True)``)."""
     if node.op == "call_module":
         return bool(getattr(traced.root.get_submodule(node.target), "inplace", False))
     name = getattr(node.target, "__name__", str(node.target))
@@ -206,8 +207,9 @@ def choose_cuts(traced: Traced, blocks: int | list[str], balance: str = "flops",
     chosen = []
     for name in blocks:
         if name not in by_alias:
+            crosses = "no batch-first tensor crosses" if multi_tensor else "no single tensor crosses"
             raise FwdTransError(
-                f"blocks: cannot cut {model} after '{name}': {'no batch-first tensor crosses' if multi_tensor else 'no single tensor crosses'} "
+                f"blocks: cannot cut {model} after '{name}': {crosses} "
                 f"there, or no module of that name ends a segment. Valid cut names: "
                 f"{', '.join(p.name for p in points)}. Fix: pick names from fwdtrans.inspect(model, example_inputs)"
                 f"{'' if multi_tensor else ', or allow cuts that several tensors cross (multi_tensor=True)'}."
@@ -241,7 +243,7 @@ def split(traced: Traced, cuts: list[CutPoint]) -> list[fx.GraphModule]:
                 parts = graph.call_function(unpack, (x, cuts[j - 1].shapes))
                 env.update({c: graph.call_function(operator.getitem, (parts, i)) for i, c in enumerate(crossing)})
 
-        def lookup(a: fx.Node) -> fx.Node:
+        def lookup(a: fx.Node, env=env, graph=graph) -> fx.Node:  # this block's env and graph
             if a not in env:  # a get_attr defined in an earlier block
                 env[a] = graph.node_copy(a)
             return env[a]

@@ -1,76 +1,120 @@
-"""Gradient Guesses: the directions each block's target is projected on.
+"""Gradient Guesses: the directions each block's target is projected on, one class per kind.
 
-A guess is produced during the forward sweep, from what the block computed (its output ``h``, its
-head's loss gradient ``g = dl/dh``, its parameters) and, for noise guesses, random draws made
-before the step by :func:`draw_noise` (so that an eager and a compiled step, and both engines, use
-the same numbers). Adding a guess means adding a branch here (and its name in ``_method.GUESSES``).
+A guess is formed during the forward sweep from what the block computed (its output ``h``, its
+head's loss gradient ``g = dl/dh``, the block's parameter gradient of that loss) or, for noise, from
+random draws made before the step by :meth:`Guess.draw` (so that an eager and a compiled step, and
+both engines, use the same numbers). The space asks for the guess where it lives: at the block
+output (:meth:`Guess.at_output`) or in the block's parameters (:meth:`Guess.at_params`).
+
+Adding a guess: a :class:`Guess` subclass, one entry in :data:`GUESSES`, and its name in
+``_method.GuessName``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["activity_guess", "draw_noise", "reinitialise", "weight_guess"]
+from ._errors import FwdTransError
+from ._method import Method
+
+__all__ = ["GUESSES", "Guess", "guess_for", "reinitialise"]
 
 
-def draw_noise(model, batch: int) -> list[list[Tensor]]:
-    """The step's noise guesses, per block but the last: ``[(k, B, *h)]`` in activity space,
-    ``[(k, *p)]`` per trained parameter in weight space; empty lists for other guesses."""
-    method = model.method
-    blocks = model.blocks[:-1]
-    if method.kind != "projected" or method.guess not in ("gaussian", "rademacher"):
-        return [[] for _ in blocks]
-    like = next(model.parameters())
+class Guess:
+    """One kind of Gradient Guess. ``normalise``: projections divide by ``|v|^2`` (noise is used as drawn)."""
 
-    def draw(shape: tuple[int, ...]) -> Tensor:
-        if method.guess == "gaussian":
-            return torch.randn(shape, generator=model.generator, dtype=like.dtype, device=like.device)
-        return torch.randint(0, 2, shape, generator=model.generator, device=like.device).to(like.dtype) * 2 - 1
+    normalise = True
 
-    k = method.tangents
-    if method.space == "weight":
-        return [[draw((k, *p.shape)) for p in b.parameters() if p.requires_grad] for b in blocks]
-    return [[draw((k, batch, *shape))] for shape in model.cut_shapes]
+    def prepare(self, heads: Sequence[nn.Module], generator: torch.Generator) -> None:
+        """Before the step, outside the compiled function (NTK guesses re-draw their heads here)."""
+
+    def draw(self, shapes: Sequence[tuple[int, ...]], generator: torch.Generator, like: Tensor) -> list[Tensor]:
+        """The step's random draws for one block, one per shape (none for a guess that draws nothing)."""
+        return []
+
+    def at_output(self, j: int, h: Tensor, g: Tensor, y: Tensor, noise: list[Tensor]) -> Tensor:
+        """Directions ``(k, B, *h)`` at block ``j``'s output ``h``."""
+        raise NotImplementedError
+
+    def at_params(self, head_grads: Callable[[], list[Tensor]], noise: list[Tensor]) -> list[Tensor]:
+        """Directions ``(k, *p)`` per trained parameter of the block; ``head_grads()`` gives ``dl/dtheta``."""
+        raise NotImplementedError
 
 
-def activity_guess(method, j: int, h: Tensor, g: Tensor | None, y: Tensor, noise: list[Tensor],
-                   segments: tuple[int, ...]) -> tuple[Tensor, bool]:
-    """Directions ``(k, B, *h)`` for block ``j`` and whether the projection normalises them.
+class HeadGuess(Guess):
+    """``"local"`` and ``"fixed-ntk"``: the gradient of the block's head loss."""
 
-    With several ``segments`` (tensors packed in ``h``, per-sample sizes) each tensor gets guesses of
-    its own: ``(m * k, B, *h)``, row ``(i, t)`` being guess ``t`` restricted to tensor ``i``.
-    """
-    if callable(method.guess):
-        v = method.guess(j, h.detach(), y)
+    def at_output(self, j, h, g, y, noise):
+        return g[None]
+
+    def at_params(self, head_grads, noise):
+        return [gp[None] for gp in head_grads()]
+
+
+class RedrawnHeadGuess(HeadGuess):
+    """``"ntk"``: the head's gradient, with the head re-initialised before every step."""
+
+    def prepare(self, heads, generator):
+        for head in heads:
+            reinitialise(head, generator)
+
+
+class NoiseGuess(Guess):
+    """``"gaussian"`` and ``"rademacher"``: random directions, used as drawn (unbiased, not normalised)."""
+
+    normalise = False
+
+    def __init__(self, sample: Callable[[tuple[int, ...], torch.Generator, Tensor], Tensor]):
+        self.sample = sample
+
+    def draw(self, shapes, generator, like):
+        return [self.sample(shape, generator, like) for shape in shapes]
+
+    def at_output(self, j, h, g, y, noise):
+        return noise[0]
+
+    def at_params(self, head_grads, noise):
+        return noise
+
+
+class CallableGuess(Guess):
+    """A user's ``guess(j, h, y)``: an activity-space direction shaped like ``h``."""
+
+    def __init__(self, fn: Callable[[int, Tensor, Tensor], Tensor]):
+        self.fn = fn
+
+    def at_output(self, j, h, g, y, noise):
+        v = self.fn(j, h.detach(), y)
         if v.shape != h.shape:
-            raise ValueError(f"the guess callable returned shape {tuple(v.shape)} for block {j}; expected {tuple(h.shape)}")
-        return _per_segment(v.detach()[None], segments, normalise=True), True
-    if noise:
-        return _per_segment(noise[0], segments, normalise=False), False
-    return _per_segment(g[None], segments, normalise=True), True  # local, ntk, fixed-ntk: the head's loss gradient
+            raise FwdTransError(f"guess callable: the guess callable returned shape {tuple(v.shape)} for block {j}; "
+                                f"expected {tuple(h.shape)}")
+        return v.detach()[None]
 
 
-def _per_segment(v: Tensor, segments: tuple[int, ...], normalise: bool) -> Tensor:
-    if len(segments) > 1:
-        parts = v.flatten(2).split(list(segments), -1)
-        v = torch.cat([torch.cat([p if i == k else torch.zeros_like(p) for k, p in enumerate(parts)], -1)
-                       for i in range(len(parts))]).view(-1, *v.shape[1:])
-    return torch.stack([_unit(r) for r in v]) if normalise else v
+def _gaussian(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
+    return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
 
 
-def _unit(g: Tensor) -> Tensor:
-    """Each sample's slice divided by its norm (zero stays zero). Normalising before the tangents
-    are pushed matters: with samples mixed downstream, one stream carries every sample's guess."""
-    norms = g.flatten(1).norm(dim=1).clamp_min(torch.finfo(g.dtype).tiny)
-    return g / norms.view(-1, *([1] * (g.dim() - 1)))
+def _rademacher(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
+    return torch.randint(0, 2, shape, generator=generator, device=like.device).to(like.dtype) * 2 - 1
 
 
-def weight_guess(head_grads: list[Tensor] | None, noise: list[Tensor]) -> tuple[list[Tensor], bool]:
-    """Directions per parameter ``(k, *p)`` for one block and whether they are normalised."""
-    if noise:
-        return noise, False
-    return [gp[None] for gp in head_grads], True
+# The guesses by name ("global" is no guess: the exact gradient, i.e. backprop).
+GUESSES: dict[str, Callable[[], Guess]] = {
+    "local": HeadGuess,
+    "ntk": RedrawnHeadGuess,
+    "fixed-ntk": HeadGuess,
+    "gaussian": lambda: NoiseGuess(_gaussian),
+    "rademacher": lambda: NoiseGuess(_rademacher),
+}
+
+
+def guess_for(method: Method) -> Guess:
+    """The method's guess (a forward-gradient method: ``method.kind`` is ``"projected"`` or ``"local"``)."""
+    return CallableGuess(method.guess) if callable(method.guess) else GUESSES[method.guess]()
 
 
 def reinitialise(head: nn.Module, generator: torch.Generator) -> None:
@@ -79,5 +123,6 @@ def reinitialise(head: nn.Module, generator: torch.Generator) -> None:
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         for m in head.modules():
-            if m is not head and hasattr(m, "reset_parameters"):
-                m.reset_parameters()
+            reset = getattr(m, "reset_parameters", None)
+            if m is not head and callable(reset):
+                reset()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
+from ._blocks import as_inputs
 from ._cuts import CutPoint, block_costs, choose_cuts, find_cut_points
-from ._engine import as_inputs
 from ._trace import trace
 from .heads import HeadSpec, build_cut_head, check_head_keys, head_flops
 
@@ -39,7 +40,7 @@ class CutReport:
         return [p.name for p in self.points]
 
     def __str__(self) -> str:
-        rows = [("cut after", "output shape", "params", "FLOPs", "cum. FLOPs")]
+        rows: list[tuple[str, ...]] = [("cut after", "output shape", "params", "FLOPs", "cum. FLOPs")]
         cum = 0
         for p in self.points:
             cum += p.flops
@@ -50,16 +51,18 @@ class CutReport:
         lines += _table(rows)
         if self.plan:
             lines.append("plan (FLOPs per sample):")
-            rows = [("block", "ends after", "FLOPs", "params", "head", "head FLOPs", "head/block")]
-            rows += [(str(r["block"]), r["ends_after"], f"{r['flops']:,}", f"{r['params']:,}", r["head"],
+            plan: list[tuple[str, ...]] = [("block", "ends after", "FLOPs", "params", "head", "head FLOPs",
+                                            "head/block")]
+            plan += [(str(r["block"]), r["ends_after"], f"{r['flops']:,}", f"{r['params']:,}", r["head"],
                       f"{r['head_flops']:,}", f"{r['head_ratio']:.1%}" if r["head"] != "-" else "-") for r in self.plan]
-            lines += _table(rows)
+            lines += _table(plan)
         return "\n".join(lines)
 
 
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) if i <= 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return ["  ".join(c.ljust(w) if i <= 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))
+            for r in rows]
 
 
 def inspect(
@@ -90,7 +93,7 @@ def inspect(
     """
     traced = trace(model, as_inputs(example_inputs), leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
                    concrete_args=concrete_args)
-    plan = ()
+    plan: tuple[dict[str, Any], ...] = ()
     if blocks is not None:
         cuts = choose_cuts(traced, blocks, balance, multi_tensor)
         check_head_keys(heads, cuts)
@@ -98,7 +101,7 @@ def inspect(
         num_classes = traced.output_shape[-1]
         rows = []
         for j, cost in enumerate(block_costs(traced, cuts)):
-            row = {"block": j, "ends_after": cuts[j].name if j < len(cuts) else "(output)",
+            row: dict[str, Any] = {"block": j, "ends_after": cuts[j].name if j < len(cuts) else "(output)",
                    "flops": cost["flops"] // batch, "params": cost["params"], "head": "-", "head_flops": 0,
                    "head_ratio": 0.0}
             if j < len(cuts):

@@ -10,25 +10,38 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Union
+from typing import Literal, get_args
+
+from torch import Tensor
 
 from ._errors import FwdTransError
+from ._spaces import space_class, space_for  # which import nothing of this module at run time
 
 __all__ = ["Method"]
 
-TARGETS = ("global", "local", "intermediate")
-GUESSES = ("local", "ntk", "fixed-ntk", "gaussian", "rademacher", "global")
+# The options, one Literal each: the fields' types, their validation and the CLI's choices come from these.
+Target = Literal["global", "local", "intermediate"]
+GuessName = Literal["local", "ntk", "fixed-ntk", "gaussian", "rademacher", "global"]
+GuessOption = GuessName | Callable[[int, Tensor, Tensor], Tensor]  # a name, or guess(j, h, y) -> direction like h
+SpaceName = Literal["activity", "weight", "span"]
+Granularity = Literal["tensor", "block", "joint"]
+PerSample = Literal["by-loss", "exact"]
+Aggregation = Literal["mean", "project"]
+Engine = Literal["forward", "reference"]
+Streams = Literal["per-block", "joint", "sequential"]
+Kind = Literal["backprop", "local", "projected"]
+
+TARGETS: tuple[str, ...] = get_args(Target)
+GUESSES: tuple[str, ...] = get_args(GuessName)
+SPACES: tuple[str, ...] = get_args(SpaceName)
+GRANULARITY: tuple[str, ...] = get_args(Granularity)
+PER_SAMPLE: tuple[str, ...] = get_args(PerSample)
+AGGREGATION: tuple[str, ...] = get_args(Aggregation)
+ENGINES: tuple[str, ...] = get_args(Engine)
+STREAMS: tuple[str, ...] = get_args(Streams)
 NOISE = ("gaussian", "rademacher")
 HEAD_GUESSES = ("local", "ntk", "fixed-ntk")
-SPACES = ("activity", "weight", "span")
-GRANULARITY = ("tensor", "block", "joint")
-PER_SAMPLE = ("by-loss", "exact")
-AGGREGATION = ("mean", "project")
-ENGINES = ("forward", "reference")
-STREAMS = ("per-block", "joint", "sequential")
 MANY_STREAMS = 64  # convert() warns above this many tangent streams per step
-
-Guess = Union[str, Callable]
 
 
 @dataclass(frozen=True)
@@ -71,15 +84,15 @@ class Method:
         'projected'
     """
 
-    target: str = "global"
-    guess: Guess = "local"
-    space: str = "activity"
-    granularity: str = "tensor"
+    target: Target = "global"
+    guess: GuessOption = "local"
+    space: SpaceName = "activity"
+    granularity: Granularity = "tensor"
     tangents: int = 1
-    aggregation: str = "mean"
-    per_sample: str = "by-loss"
-    engine: str = "forward"
-    streams: str = "per-block"
+    aggregation: Aggregation = "mean"
+    per_sample: PerSample = "by-loss"
+    engine: Engine = "forward"
+    streams: Streams = "per-block"
     recompute: bool = False
 
     def __post_init__(self) -> None:
@@ -118,9 +131,11 @@ class Method:
             if self.target != "global":
                 problems.append("streams='joint' sums every block's directional derivative at the logits: it needs "
                                 "target='global'")
-            if self.space == "span" or self.per_sample == "exact" or (self.space == "weight" and self.granularity != "joint"):
+            if (self.space == "span" or self.per_sample == "exact"
+                    or (self.space == "weight" and self.granularity != "joint")):
                 problems.append("streams='joint' applies to space='activity' (per_sample='by-loss') or to "
                                 "space='weight' with granularity='joint'")
+        problems += space_class(self).problems(self)  # a space's own rules
         if problems:
             raise FwdTransError(f"invalid method {self.describe()}: " + "; ".join(problems) + ".")
 
@@ -129,7 +144,7 @@ class Method:
         return getattr(self.guess, "__name__", "callable") if callable(self.guess) else self.guess
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> Kind:
         """``"backprop"``, ``"local"`` (greedy local learning) or ``"projected"`` (forward gradient).
 
         A guess equal to its target makes the projection the identity: ``global``/``global`` is
@@ -182,20 +197,12 @@ class Method:
             return 0
         if self.joint and self.target == "global":
             return self.tangents
-        per_block = []
-        for j in range(blocks - 1):
-            if self.space == "span":
-                per_block.append(batch)
-            elif self.space == "weight":
-                units = {"tensor": tensors_per_block[j], "block": 1, "joint": 1}[self.granularity]
-                per_block.append(units * self.tangents)
-            else:
-                per_block.append(self.tangents * (batch if self.per_sample == "exact" else (crossing or [1] * blocks)[j]))
-        return sum(per_block)
+        space, crossing = space_for(self), crossing or [1] * blocks
+        return sum(space.streams_at(batch, tensors_per_block[j], crossing[j]) for j in range(blocks - 1))
 
     def check_multi_tensor(self, cuts: list[str]) -> None:
         """Refuse the options that cannot give each tensor crossing ``cuts`` its own guess."""
-        if self.kind == "projected" and (self.space == "span" or self.per_sample == "exact" or self.streams == "joint"):
+        if self.kind == "projected" and (not space_for(self).multi_tensor or self.streams == "joint"):
             raise FwdTransError(
                 f"{self.describe()} cannot give each tensor crossing {', '.join(cuts)} its own guess and tangent: "
                 "multi-tensor cuts support space='activity' (per_sample='by-loss', streams='per-block' or "

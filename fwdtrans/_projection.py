@@ -26,7 +26,8 @@ def combine(d: Tensor, v: Tensor, *, normalise: bool, aggregation: str) -> Tenso
         gram = torch.einsum("iud,jud->uij", v, v)
         eig = torch.linalg.eigvalsh(gram)
         chol, info = torch.linalg.cholesky_ex(gram)
-        if int(info.max()) > 0 or bool((eig[:, 0] <= eig[:, -1] * gram.shape[-1] * torch.finfo(v.dtype).eps * 10).any()):
+        singular = eig[:, 0] <= eig[:, -1] * gram.shape[-1] * torch.finfo(v.dtype).eps * 10
+        if int(info.max()) > 0 or bool(singular.any()):
             raise FwdTransError(
                 "aggregation='project': the guesses of a projection unit are linearly dependent (singular Gram "
                 "matrix), so their span has lower rank than tangents. Fix: use fewer tangents than the unit's "

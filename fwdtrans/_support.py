@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from torch.func import vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ._blocks import call, push, push_params, rng_state, state
+from ._engine import crossing
 from ._errors import FwdTransError
 from ._trace import preserved_state
 
@@ -98,31 +100,24 @@ def fused_rnn_free(module: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------- the forward-AD check
 def _crossing(method, j: int, last: int, block: nn.Module) -> tuple[bool, bool]:
     """What the forward engine pushes through block ``j``: (input tangents, parameter tangents)."""
-    if method.kind != "projected" or method.engine != "forward":
-        return False, False
-    params = method.space == "weight" and j < last and any(p.requires_grad for p in block.parameters())
-    return j > 0 and method.target != "local", params
+    return crossing(method, j, last, any(p.requires_grad for p in block.parameters()))
 
 
 def _probe(block: nn.Module, h: tuple, inputs: bool, params: bool) -> None:
-    from ._engine import _push_params, push  # the engine's own code paths, run once
-
     trained = [p for p in block.parameters() if p.requires_grad]
-    if params:
-        _push_params(block, h, [torch.randn(1, *p.shape, dtype=p.dtype, device=p.device) for p in trained])
+    if params:  # the engine's own code paths, run once
+        push_params(block, h, [torch.randn(1, *p.shape, dtype=p.dtype, device=p.device) for p in trained])
     if inputs and h[0].is_floating_point():  # integer inputs (token ids) carry no tangent
         push(block, h[0], torch.randn(1, *h[0].shape, dtype=h[0].dtype, device=h[0].device))
 
 
 def _pulls_back(block: nn.Module, h: tuple, j: int) -> bool:
     """Whether ``torch.func.vjp`` differentiates the block, as every method's step does (under ``no_grad``)."""
-    from ._engine import _call, state
-
     trained, frozen, buffers = state(block)
     inputs = h if j > 0 and h[0].is_floating_point() else ()
     try:
         with torch.no_grad():
-            out, pull = vjp(lambda p, *x: _call(block, {**frozen, **p}, buffers, *(x or h))[0], trained, *inputs)
+            out, pull = vjp(lambda p, *x: call(block, {**frozen, **p}, buffers, *(x or h))[0], trained, *inputs)
             pull(torch.randn_like(out))
     except Exception:  # noqa: BLE001 - any failure means no method can train through the block
         return False
@@ -184,14 +179,10 @@ def random_blocks(blocks: list[fx.GraphModule], example_inputs: tuple[Tensor, ..
         h = tuple(example_inputs)
         for block in blocks:
             with torch.random.fork_rng(devices=[]):
-                before = _random_state()
+                before = rng_state()
                 h = (block(*h),)
-                drawn.append(any(not torch.equal(a, b) for a, b in zip(before, _random_state())))
+                drawn.append(any(not torch.equal(a, b) for a, b in zip(before, rng_state(), strict=True)))
     return tuple(drawn)
-
-
-def _random_state() -> list[Tensor]:
-    return [torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])]
 
 
 def check_forward_ad(blocks: list[fx.GraphModule], example_inputs: tuple[Tensor, ...], method) -> bool:

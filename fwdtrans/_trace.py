@@ -241,7 +241,7 @@ def _check_modes_agree(train: fx.Graph, eval_: fx.Graph, model: nn.Module) -> No
     a, b = signature(train), signature(eval_)
     if a == b:
         return
-    first = next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), min(len(a), len(b)))
+    first = next((i for i, (p, q) in enumerate(zip(a, b, strict=False)) if p != q), min(len(a), len(b)))
     scope = (a[first] if first < len(a) else b[first])[2] or "the top-level module"
     raise FwdTransError(
         f"{type(model).__name__} computes different graphs in train and eval mode (a Python branch on "

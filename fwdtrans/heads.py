@@ -94,7 +94,8 @@ class LinearHead:
     def build(self, shape: tuple[int, ...], num_classes: int) -> nn.Module:
         if len(shape) == 3:
             c = shape[0]
-            return nn.Sequential(nn.BatchNorm2d(c), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * c, num_classes))
+            return nn.Sequential(nn.BatchNorm2d(c), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                                 nn.Linear(4 * c, num_classes))
         layers, features = _flatten(shape, "linear")
         return nn.Sequential(*layers, nn.Linear(features, num_classes))
 
@@ -128,12 +129,12 @@ class AutoHead:
 
     budget: float = 0.1
 
-    def candidates(self, shape: tuple[int, ...]) -> list:
+    def candidates(self, shape: tuple[int, ...]) -> list[CNNHead | MLPHead]:
         if len(shape) == 3:
             return [CNNHead(width=w) for w in (32, 16, 8, 4)]
         return [MLPHead(width=w) for w in (1024, 512, 256, 128, 64, 32)]
 
-    def choose(self, shape: tuple[int, ...], num_classes: int, block_flops: int):
+    def choose(self, shape: tuple[int, ...], num_classes: int, block_flops: int) -> CNNHead | MLPHead | LinearHead:
         for spec in self.candidates(shape):
             if head_flops(spec.build(shape, num_classes), shape) <= self.budget * block_flops:
                 return spec
@@ -142,7 +143,7 @@ class AutoHead:
 
 HeadSpec = (str | CNNHead | MLPHead | LinearHead | AutoHead | nn.Module | Callable[[tuple[int, ...]], nn.Module]
             | Mapping)
-_NAMED = {"cnn": CNNHead(), "mlp": MLPHead(), "linear": LinearHead(), "auto": AutoHead()}
+_NAMED: dict[str, HeadSpec] = {"cnn": CNNHead(), "mlp": MLPHead(), "linear": LinearHead(), "auto": AutoHead()}
 
 
 def head_flops(head: nn.Module, shape: tuple[int, ...]) -> int:
@@ -212,7 +213,7 @@ def _batched(shape: tuple[int, ...]) -> str:
 def check_head(head: nn.Module, h: Tensor, num_classes: int, name: str) -> None:
     """Run ``head`` once on its block's output ``h`` (in the caller's mode and grad context); refuse it unless
     it returns logits ``(N, num_classes)`` (each of a SplitHead's heads on its own tensor)."""
-    pairs = zip(head.heads, unpack(h, head.shapes)) if isinstance(head, SplitHead) else [(head, h)]
+    pairs = zip(head.heads, unpack(h, head.shapes), strict=True) if isinstance(head, SplitHead) else [(head, h)]
     expected = (h.shape[0], num_classes)
     for one, x in pairs:
         try:
@@ -244,7 +245,7 @@ class SplitHead(nn.Module):
         self.shapes = tuple(shapes)
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        return tuple(head(t) for head, t in zip(self.heads, unpack(x, self.shapes)))
+        return tuple(head(t) for head, t in zip(self.heads, unpack(x, self.shapes), strict=True))
 
 
 def build_cut_head(spec: HeadSpec, shapes: tuple[tuple[int, ...], ...], num_classes: int, *, name: str = "",

@@ -45,7 +45,7 @@ def random_split(channels: int, size: int, num_classes: int, n_train: int = 6, n
 def assert_holds(data: ImageDataset, expected: Split) -> None:
     assert data.train_x.dtype == data.test_x.dtype == torch.uint8
     assert data.train_y.dtype == data.test_y.dtype == torch.int64
-    for got, want in zip((data.train_x, data.train_y, data.test_x, data.test_y), expected):
+    for got, want in zip((data.train_x, data.train_y, data.test_x, data.test_y), expected, strict=True):
         assert tuple(got.shape) == want.shape
         np.testing.assert_array_equal(got.numpy(), want)
 

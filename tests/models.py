@@ -104,12 +104,12 @@ def reference_gradients(converted, x, y, per_sample: str) -> dict[str, torch.Ten
     loss = F.cross_entropy(hs[-1], y)
     targets = torch.autograd.grad(loss, hs[:-1], retain_graph=True) if len(hs) > 1 else []
     out: dict[str, torch.Tensor] = {}
-    for j, (hj, target) in enumerate(zip(hs[:-1], targets)):
+    for j, (hj, target) in enumerate(zip(hs[:-1], targets, strict=True)):
         leaf = hj.detach().requires_grad_()
         head_loss = F.cross_entropy(heads[j](leaf), y)
         head_params = list(heads[j].parameters())
         guess, *head_grads = torch.autograd.grad(head_loss, [leaf, *head_params])
-        for (name, _), g in zip(heads[j].named_parameters(), head_grads):
+        for (name, _), g in zip(heads[j].named_parameters(), head_grads, strict=True):
             out[f"heads.{j}.{name}"] = g
         u = guess / guess.flatten(1).norm(dim=1).view(-1, *[1] * (guess.dim() - 1))
         if per_sample == "exact":
@@ -121,12 +121,13 @@ def reference_gradients(converted, x, y, per_sample: str) -> dict[str, torch.Ten
             d = (jac * u[None]).flatten(2).sum(-1).sum(-1)
         estimate = d.view(-1, *[1] * (u.dim() - 1)) * u
         params = list(blocks[j].named_parameters())
-        gs = torch.autograd.grad(hj, [p for _, p in params], estimate, retain_graph=True, allow_unused=True) if params else []
-        for (name, p), g in zip(params, gs):
+        gs = (torch.autograd.grad(hj, [p for _, p in params], estimate, retain_graph=True, allow_unused=True)
+              if params else [])
+        for (name, p), g in zip(params, gs, strict=True):
             out[f"blocks.{j}.{name}"] = torch.zeros_like(p) if g is None else g
     params = list(blocks[-1].named_parameters())
     gs = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True) if params else []
-    for (name, p), g in zip(params, gs):
+    for (name, p), g in zip(params, gs, strict=True):
         out[f"blocks.{len(blocks) - 1}.{name}"] = torch.zeros_like(p) if g is None else g
     return out
 

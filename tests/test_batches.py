@@ -35,9 +35,9 @@ def test_same_seed_same_batches_and_different_seed_different():
     kwargs = dict(batch_size=64, shuffle=True, augment=True)
     first, again, other = epoch(x, y, 7, **kwargs), epoch(x, y, 7, **kwargs), epoch(x, y, 8, **kwargs)
     assert len(first) == len(again) == len(other) == num_batches(200, 64, drop_last=False)
-    for (xa, ya), (xb, yb) in zip(first, again):
+    for (xa, ya), (xb, yb) in zip(first, again, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    assert not all(torch.equal(ya, yo) for (_, ya), (_, yo) in zip(first, other))
+    assert not all(torch.equal(ya, yo) for (_, ya), (_, yo) in zip(first, other, strict=True))
 
 
 @settings(max_examples=20, deadline=None)
@@ -48,7 +48,7 @@ def test_an_epoch_resumed_at_any_batch_gives_the_same_batches(n, batch_size, sta
     kwargs = dict(batch_size=batch_size, shuffle=True, augment=augment, drop_last=drop_last)
     whole, resumed = epoch(x, y, seed, **kwargs), epoch(x, y, seed, start=start, **kwargs)
     assert len(resumed) == max(0, len(whole) - start)
-    for (xa, ya), (xb, yb) in zip(whole[start:], resumed):
+    for (xa, ya), (xb, yb) in zip(whole[start:], resumed, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
@@ -176,7 +176,7 @@ def test_cosine_schedule(per_epoch, epochs):
     total = per_epoch * epochs
     rates = [lr_factor("cosine", s, per_epoch, epochs) for s in range(total + 1)]
     assert rates[0] == 1.0 and abs(rates[-1]) < 1e-12
-    assert all(a >= b for a, b in zip(rates, rates[1:]))  # never rises
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))  # never rises
     assert all(math.isclose(rates[s] + rates[total - s], 1.0, abs_tol=1e-12) for s in range(total + 1))
 
 

@@ -21,11 +21,11 @@ def _compare(converted, x, y, options, steps: int = 2):
     for _ in range(steps):  # the second step runs from the first one's buffers and draws
         m_eager = eager.compute_gradients(x, y)
         m_compiled = compiled.compute_gradients(x, y, compile=options)
-        for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
             assert (p.grad is None) == (q.grad is None), name
             if p.grad is not None:
                 torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
-        for (name, b), c in zip(eager.named_buffers(), compiled.buffers()):
+        for (name, b), c in zip(eager.named_buffers(), compiled.buffers(), strict=True):
             torch.testing.assert_close(c, b, rtol=1e-9, atol=1e-12, msg=name)
         assert m_compiled.keys() == m_eager.keys()
         for k in m_eager:

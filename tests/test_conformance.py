@@ -60,7 +60,7 @@ class Dag(nn.Module):
 
     def forward(self, x):
         outs = [self.stem(x)]
-        for node, (i, j) in zip(self.nodes, self.edges):
+        for node, (i, j) in zip(self.nodes, self.edges, strict=False):
             outs.append(node(outs[i], outs[j]))
         return self.fc(outs[-1].mean((2, 3)))
 

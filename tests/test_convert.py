@@ -93,7 +93,7 @@ def test_heads_are_built_for_each_cut_shape(spec):
     converted = fwdtrans.convert(model, torch.randn(2, 3, 32, 32), blocks=4, heads=spec)
     x = torch.randn(3, 3, 32, 32)
     h = x
-    for block, head in zip(converted.blocks, converted.heads):
+    for block, head in zip(converted.blocks, converted.heads, strict=False):
         h = block(h)
         assert head(h).shape == (3, 10)
 
@@ -123,3 +123,35 @@ def test_frozen_parameters_get_no_gradient(method):
     assert frozen
     for n, p in converted.blocks.named_parameters(prefix="blocks"):
         assert (p.grad is None) == (n in frozen), n
+
+
+def test_the_method_is_given_whole_or_as_keywords_never_both():
+    import dataclasses
+    import inspect
+
+    model, x = fwdtrans.models.resnet18(width=2), torch.randn(2, 3, 32, 32)
+    method = fwdtrans.Method(target="intermediate", guess="gaussian", space="weight", granularity="block")
+    whole = fwdtrans.convert(model, x, blocks=3, heads="linear", method=method)
+    keywords = fwdtrans.convert(model, x, blocks=3, heads="linear", **method.to_dict())
+    assert whole.method == keywords.method == method
+    assert fwdtrans.convert(model, x, blocks=3, heads="linear").method == fwdtrans.Method()  # the Method's defaults
+    with pytest.raises(fwdtrans.FwdTransError, match="method= and the method keyword.s. space, tangents"):
+        fwdtrans.convert(model, x, blocks=3, method=method, space="activity", tangents=2)
+    with pytest.raises(fwdtrans.FwdTransError, match="not a fwdtrans.Method"):
+        fwdtrans.convert(model, x, blocks=3, method={"guess": "local"})
+    # convert's method keywords are exactly the Method's fields: they cannot drift apart
+    parameters = list(inspect.signature(fwdtrans.convert).parameters)
+    fields = [f.name for f in dataclasses.fields(fwdtrans.Method)]
+    start = parameters.index(fields[0])
+    assert parameters[start:start + len(fields)] == fields
+
+
+def test_every_option_has_its_space_and_guess():
+    import typing
+
+    from fwdtrans import _guesses, _method, _spaces
+
+    assert set(typing.get_args(_method.SpaceName)) <= set(_spaces.SPACES)
+    assert set(typing.get_args(_method.GuessName)) - {"global"} == set(_guesses.GUESSES)  # global: backprop
+    for space in typing.get_args(_method.SpaceName):
+        assert isinstance(_spaces.space_for(fwdtrans.Method(space=space)), _spaces.Space)

@@ -54,7 +54,7 @@ def compiled_equals_eager(method: dict, device: str) -> None:
     m_compiled = compiled.compute_gradients(x, y, compile=True)
     assert all(p.device.type == device for p in compiled.parameters())
     assert_gradients_match(grads(compiled), grads(eager), rtol=1e-3)
-    for (name, b), c in zip(eager.named_buffers(), compiled.buffers()):
+    for (name, b), c in zip(eager.named_buffers(), compiled.buffers(), strict=True):
         torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-5, msg=name)
     assert m_compiled.keys() == m_eager.keys()
     for k in m_eager:

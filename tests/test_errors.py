@@ -91,7 +91,7 @@ def test_nan_loss_does_not_update_parameters_or_statistics():
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(FwdTransError, match="step was not applied"):
         step(x, torch.tensor([0, 1, 2, 3]))
-    assert all(torch.equal(a, b) for a, b in zip(params, converted.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(params, converted.parameters(), strict=True))
     for name, value in converted.state_dict().items():  # BatchNorm statistics included
         assert torch.equal(value, state[name]), name
 

@@ -50,7 +50,8 @@ def test_by_loss_and_exact_differ_only_when_samples_mix(sample, data):
         a, b = copy.deepcopy(fast), copy.deepcopy(exact)
         a.compute_gradients(x, y, allow_eval=True)  # eval mode on purpose: there nothing mixes the samples
         b.compute_gradients(x, y, allow_eval=True)
-        diffs = [_rel(p.grad, q.grad) for p, q in zip(a.blocks[:-1].parameters(), b.blocks[:-1].parameters())]
+        diffs = [_rel(p.grad, q.grad)
+                 for p, q in zip(a.blocks[:-1].parameters(), b.blocks[:-1].parameters(), strict=True)]
         if not mixes_samples(a.blocks[1:]):  # eval mode, or no BatchNorm after the first cut
             assert max(diffs, default=0) < 1e-10
 
@@ -64,7 +65,7 @@ def test_by_loss_and_exact_differ_under_train_mode_batchnorm(float64):
     b.method = fwdtrans.Method(per_sample="exact")
     a.compute_gradients(x, y)
     b.compute_gradients(x, y)
-    gap = max(_rel(p.grad, q.grad) for p, q in zip(a.blocks[0].parameters(), b.blocks[0].parameters()))
+    gap = max(_rel(p.grad, q.grad) for p, q in zip(a.blocks[0].parameters(), b.blocks[0].parameters(), strict=True))
     assert gap > 1e-3  # the downstream BatchNorm couples the samples: the two estimators differ
 
 
@@ -124,5 +125,5 @@ def test_recompute_gives_the_same_gradients_and_statistics(method, sample, data)
     for c in (stored, recomputed):
         c.compute_gradients(x, y)
     assert_gradients_match(grads(recomputed), grads(stored), rtol=1e-12)
-    for a, b in zip(recomputed.buffers(), stored.buffers()):
+    for a, b in zip(recomputed.buffers(), stored.buffers(), strict=True):
         assert torch.equal(a, b)

@@ -88,11 +88,7 @@ def test_the_matrix_is_complete():
 
 def _record(converted, x, y):
     record = {}
-    from fwdtrans import _engine
-
-    for p in converted.parameters():
-        p.grad = None
-    _engine.compute_gradients(converted, x, y, record=record)
+    converted._gradients(x, y, record=record)
     return record
 
 
@@ -110,13 +106,13 @@ def test_the_estimate_is_an_orthogonal_projection(space, guess, sample, data):
     if converted is None:
         return
     rec = _record(converted, x, y)
-    for b, est in zip(rec["blocks"][:-1], rec["estimates"]):
+    for b, est in zip(rec["blocks"][:-1], rec["estimates"], strict=True):
         if space == "activity":
             t, v = b.target[0].flatten(1), b.directions[0].flatten(1)
             residual = ((t - est.flatten(1)) * v).sum(1)  # per sample
             assert residual.abs().max() <= 1e-10 * (t.norm() * v.norm() + 1e-300)
         else:
-            for t, e, v in zip(b.target, est, b.directions):
+            for t, e, v in zip(b.target, est, b.directions, strict=True):
                 assert abs(float(((t - e) * v[0]).sum())) <= 1e-10 * float(t.norm() * v[0].norm() + 1e-300)
 
 
@@ -197,7 +193,7 @@ def test_local_heads_learn_only_from_their_own_loss(float64):
     for j, head in enumerate(ref.heads):
         h = ref.blocks[j](h).detach()
         expected = torch.autograd.grad(F.cross_entropy(head(h), y), list(head.parameters()))
-        for p, e in zip(converted.heads[j].parameters(), expected):
+        for p, e in zip(converted.heads[j].parameters(), expected, strict=True):
             torch.testing.assert_close(p.grad, e, rtol=1e-12, atol=1e-14)
 
 
@@ -210,7 +206,7 @@ def test_ntk_heads_are_redrawn_every_step_and_never_trained():
         before = [p.detach().clone() for p in converted.heads.parameters()]
         step(x, y)
         assert all(p.grad is None for p in converted.heads.parameters())
-        changed = [not torch.equal(a, b) for a, b in zip(before, converted.heads.parameters())]
+        changed = [not torch.equal(a, b) for a, b in zip(before, converted.heads.parameters(), strict=True)]
         assert any(changed) == redrawn
 
 

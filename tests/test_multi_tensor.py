@@ -46,12 +46,12 @@ def _reference(converted, x, y) -> dict[str, torch.Tensor]:
     loss = F.cross_entropy(hs[-1], y)
     targets = torch.autograd.grad(loss, hs[:-1], retain_graph=True)
     out = {}
-    for j, (hj, target) in enumerate(zip(hs[:-1], targets)):
+    for j, (hj, target) in enumerate(zip(hs[:-1], targets, strict=True)):
         leaf = hj.detach().requires_grad_()
         logits = heads[j](leaf)
         head_loss = sum(F.cross_entropy(z, y) for z in (logits if isinstance(logits, tuple) else (logits,)))
         g, *head_grads = torch.autograd.grad(head_loss, [leaf, *heads[j].parameters()])
-        out.update({f"heads.{j}.{n}": gp for (n, _), gp in zip(heads[j].named_parameters(), head_grads)})
+        out.update({f"heads.{j}.{n}": gp for (n, _), gp in zip(heads[j].named_parameters(), head_grads, strict=True)})
         estimate, start = torch.zeros_like(g.flatten(1)), 0
         for size in converted.segments[j]:
             part = slice(start, start + size)
@@ -61,10 +61,10 @@ def _reference(converted, x, y) -> dict[str, torch.Tensor]:
             start += size
         params = list(blocks[j].named_parameters())
         gs = torch.autograd.grad(hj, [p for _, p in params], estimate.view_as(g), retain_graph=True) if params else []
-        out.update({f"blocks.{j}.{n}": gp for (n, _), gp in zip(params, gs)})
+        out.update({f"blocks.{j}.{n}": gp for (n, _), gp in zip(params, gs, strict=True)})
     params = list(blocks[-1].named_parameters())
     out.update({f"blocks.{len(blocks) - 1}.{n}": gp
-                for (n, _), gp in zip(params, torch.autograd.grad(loss, [p for _, p in params]))})
+                for (n, _), gp in zip(params, torch.autograd.grad(loss, [p for _, p in params]), strict=True)})
     return out
 
 

@@ -9,7 +9,8 @@ from fwdtrans.app._presets import PRESETS, preset
 from fwdtrans.app._studyspec import cells
 
 # runs per preset: rows x the columns they run in x seeds (CIFAR 4 seeds, ImageNet32 1)
-RUNS = {"smoke": 4, "mini": 8, "paper-table2": (1 + 8 * 2) * 4 + (1 + 8 * 2), "paper-table3": (1 + 6 * 2) * 4 + (1 + 6 * 2),
+RUNS = {"smoke": 4, "mini": 8, "paper-table2": (1 + 8 * 2) * 4 + (1 + 8 * 2),
+        "paper-table3": (1 + 6 * 2) * 4 + (1 + 6 * 2),
         "paper-table4": (2 * 3 + 4 * 6) * 4, "paper-table5": 12 * 4 * 4, "paper-table6": 3 * 2 * 4,
         "paper-table7": (4 + 8 * 8) * 4, "paper-table8": (3 + 8 * 6) * 4, "paper-table9": 2 * (6 + 2 * 12) * 4,
         "paper-table10": 3 * (3 + 2 * 6) * 4, "paper-table11": 3 * 4 * 4}
@@ -33,7 +34,7 @@ def test_builds_valid_unique_runs(name):
     if name not in ("mini", "smoke"):  # the paper's setting; mini's and smoke's are scaled down
         assert {(c.config.width, c.config.batch_size, c.config.schedule, c.config.momentum, c.config.weight_decay)
                 for c in runs} <= {(w, 128, "step", 0.9, 5e-4) for w in (32, 64, 128, 256)}
-        assert all(c.config.engine in ("forward", "reference") for c in runs)
+        assert all(c.config.method.engine in ("forward", "reference") for c in runs)
 
 
 def test_mini():
@@ -44,8 +45,8 @@ def test_mini():
     assert {(c.config.width, c.config.blocks, c.config.epochs, c.config.limit, c.config.batch_size,
              c.config.schedule, c.config.heads, c.seed) for c in runs} == {(16, 8, 8, 5000, 128, "cosine", "cnn", 0)}
     assert {c.row.label for c in runs if c.config.diagnostics_every == 39} == {"Local, CNN", "NTK, CNN"}
-    assert _cell("mini", "Local, CNN", "8b A exact").per_sample == "exact"
-    assert _cell("mini", "Local, CNN", "8b W").granularity == "tensor"
+    assert _cell("mini", "Local, CNN", "8b A exact").method.per_sample == "exact"
+    assert _cell("mini", "Local, CNN", "8b W").method.granularity == "tensor"
     assert _cell("mini", "Gaussian", "8b A").lr == 0.01 and _cell("mini", "NTK, CNN", "8b A").lr == 0.05
     full = cells(preset("mini", full=True))
     extra = {c.row.label for c in full} - {c.row.label for c in runs}
@@ -102,18 +103,20 @@ def test_layout_and_numbers():
     t5 = {r.label: r for r in preset("paper-table5").rows}
     assert t5["Local, Linear"].paper["16b W"] == "86.9"
     assert t5["Gaussian (MLP tgt)"].settings == {"guess": "gaussian", "heads": "mlp"}
-    assert _cell("paper-table5", "Gaussian (MLP tgt)", "8b W").target == "intermediate"
+    assert _cell("paper-table5", "Gaussian (MLP tgt)", "8b W").method.target == "intermediate"
     in32 = _cell("paper-table2", "Local, CNN", "IN32 W")
-    assert (in32.dataset, in32.epochs, in32.gamma, in32.space, in32.granularity) == ("imagenet32", 70, 0.1, "weight",
-                                                                                     "tensor")
-    assert len([c for c in cells(preset("paper-table2")) if c.row.label == "NTK, CNN" and c.column.label == "IN32 A"]) == 1
+    assert (in32.dataset, in32.epochs, in32.gamma, in32.method.space, in32.method.granularity) == (
+        "imagenet32", 70, 0.1, "weight", "tensor")
+    assert len([c for c in cells(preset("paper-table2"))
+                if c.row.label == "NTK, CNN" and c.column.label == "IN32 A"]) == 1
     e2e = preset("paper-table3").rows[0]
-    assert (e2e.label, e2e.columns, e2e.paper) == ("E2E", ("C10 A", "IN32 A"), {"C10 A": "94.5 ± 0.2", "IN32 A": "54.6"})
+    assert (e2e.label, e2e.columns, e2e.paper) == ("E2E", ("C10 A", "IN32 A"),
+                                                   {"C10 A": "94.5 ± 0.2", "IN32 A": "54.6"})
     assert "Gaussian" not in {r.label for r in preset("paper-table3").rows}
     ll = {r.label: r for r in preset("paper-table4").rows}["8b local learning"]
     assert ll.columns == ("CNN A", "MLP A", "Lin A") and ll.paper["MLP A"] == "92.1 ± 0.2"
-    assert _cell("paper-table4", "8b local learning", "MLP A").method().kind == "local"
-    assert _cell("paper-table6", "Linear", "16b").space == "span"
+    assert _cell("paper-table4", "8b local learning", "MLP A").method.kind == "local"
+    assert _cell("paper-table6", "Linear", "16b").method.space == "span"
     assert _cell("paper-table7", "Local, MLP", "F-MNIST 8b W").dataset == "fashion-mnist"
     assert {r.label: r for r in preset("paper-table7").rows}["Rademacher"].paper["C100 16b A"] == "8.7 ± 1.1"
     assert _cell("paper-table8", "Local, CNN", "k=0.5 W").width == 32
@@ -121,7 +124,7 @@ def test_layout_and_numbers():
     assert t9["C100 Gaussian"].paper["8b Lin W"] == "26.3 ± 0.4" and t9["F-MNIST local learning"].paper["8b MLP A"] \
         == "94.4 ± 0.2"
     assert {r.label: r for r in preset("paper-table10").rows}["k=4 Rademacher"].paper["Lin W"] == "44.8 ± 0.5"
-    assert _cell("paper-table11", "CNN", "8b A").guess == "fixed-ntk"
+    assert _cell("paper-table11", "CNN", "8b A").method.guess == "fixed-ntk"
     assert "Imagenette" in preset("paper-table7").notes and "Imagenette" in preset("paper-table9").notes
 
 

@@ -62,7 +62,7 @@ def test_toml_study_cells(tmp_path):
     runs = cells(spec, threads=1)
     assert [c.name for c in runs] == ["e2e__a__seed0", "local-linear__a__seed0", "local-linear__w__seed0"]
     assert [c.config.lr for c in runs] == [0.05, 0.05, 0.01]  # the override, in the weight column only
-    assert [c.config.engine for c in runs] == ["forward", "forward", "reference"]  # auto: weight -> reference
+    assert [c.config.method.engine for c in runs] == ["forward", "forward", "reference"]  # auto: weight -> reference
     assert all(c.config.threads == 1 and c.config.epochs == 2 for c in runs)
 
 

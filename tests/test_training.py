@@ -133,6 +133,10 @@ def test_run_directory_files(tmp_path):
         "checkpoint.pt", "config.json", "metrics.jsonl", "model.pt", "summary.json"]
     config = json.loads((run / "config.json").read_text())
     assert config["format"] == 1 and config["config"]["step_size"] == 30 and config["config"]["gamma"] == 0.2
+    # the method's fields are recorded flat, beside the others, and read back into a Method
+    assert config["config"]["guess"] == "local" and "method" not in config["config"]
+    assert TrainConfig.from_dict(config["config"]).method == fwdtrans.Method(guess="local")
+    assert TrainConfig.from_dict(config["config"]).to_dict() == config["config"]
     assert config["data"] == {"name": "cifar10_subset", "train": 96, "test": 1000, "classes": 10,
                               "shape": [3, 32, 32]}
     assert config["segments"][0]["versions"]["torch"] == torch.__version__

@@ -20,7 +20,7 @@ def refused(match: str, *modules: nn.Module):
     with pytest.raises(FwdTransError, match=match) as info:
         yield
     assert "Fix:" in str(info.value)
-    for module, state in zip(modules, before):
+    for module, state in zip(modules, before, strict=True):
         after = module.state_dict()
         assert after.keys() == state.keys()
         for name, value in state.items():
@@ -289,7 +289,7 @@ def test_several_inputs_reach_block_0_and_train(kind, float64):
         reference.method = fwdtrans.Method(space=space, engine="reference")
         forward.compute_gradients(x, y)
         reference.compute_gradients(x, y)
-        for (name, p), q in zip(forward.named_parameters(), reference.parameters()):
+        for (name, p), q in zip(forward.named_parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=f"{space}: {name}")
     first = next(forward.blocks[0].parameters())
     before = first.detach().clone()
@@ -320,7 +320,7 @@ def test_several_inputs_compile_to_what_eager_computes(kind, float64):
     compiled = copy.deepcopy(eager)
     m_eager = eager.compute_gradients(x, y)
     m_compiled = compiled.compute_gradients(x, y, compile={"backend": "aot_eager"})
-    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
     for k in m_eager:
         torch.testing.assert_close(m_compiled[k], m_eager[k], rtol=1e-9, atol=1e-12)

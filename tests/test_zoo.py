@@ -49,7 +49,7 @@ def test_zoo_forward_engine_matches_reference_in_float64(name, float64):
 
 
 def test_dropout_uses_the_primal_mask_for_every_tangent():
-    from fwdtrans._engine import push
+    from fwdtrans._blocks import push
 
     block = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Dropout(0.5)))
     h = torch.randn(4, 6) + 3
@@ -66,7 +66,8 @@ def test_state_dict_round_trip_with_a_plain_checkpoint(tmp_path):
     torch.save(model.state_dict(), tmp_path / "plain.pt")
     trained = copy.deepcopy(converted)
     trained.load_original_state_dict(torch.load(tmp_path / "plain.pt"))
-    trained.train_step(torch.optim.SGD(trained.parameters(), lr=0.1))(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
+    step = trained.train_step(torch.optim.SGD(trained.parameters(), lr=0.1))
+    step(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
     fresh = ZOO["vit"][0]()
     fresh.load_state_dict(trained.original_state_dict())  # back to a plain checkpoint
     fresh.eval()
@@ -131,16 +132,17 @@ def test_native_rnns_equal_torch_s_and_have_forward_ad(name):
     native = fused_rnn_free(copy.deepcopy(fused))
     assert type(native) in (NativeLSTM, NativeGRU, NativeRNN) and isinstance(native, type(fused))
     assert native.state_dict().keys() == fused.state_dict().keys()
-    assert all(torch.equal(a, b) for a, b in zip(native.parameters(), fused.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(native.parameters(), fused.parameters(), strict=True))
     x, streams = torch.randn(3, 7, 4), torch.randn(2, 3, 7, 4)  # (B, T) or (T, B): both are sequences here
-    assert all(torch.equal(a, b) for a, b in zip(torch.utils._pytree.tree_leaves(native(x)),
-                                                  torch.utils._pytree.tree_leaves(fused(x))))  # the fused kernels
+    leaves = torch.utils._pytree.tree_leaves
+    assert all(torch.equal(a, b)  # the fused kernels
+               for a, b in zip(leaves(native(x)), leaves(fused(x)), strict=True))
 
     with torch.no_grad():  # as the engine runs: tangent streams under vmap, no autograd graph
         out, tangents = vmap(lambda t: jvp(lambda h: native(h)[0], (x,), (t,)), out_dims=(None, 0))(streams)
     torch.testing.assert_close(out, fused(x)[0])
     exact = copy.deepcopy(fused).double()  # torch's float64 RNNs have forward AD: the exact derivative
-    for s, t in zip(streams, tangents):
+    for s, t in zip(streams, tangents, strict=True):
         torch.testing.assert_close(t, jvp(lambda h: exact(h)[0], (x.double(),), (s.double(),))[1].float())
     with torch.no_grad():  # oneDNN's LSTM has no vjp under no_grad ("argument 'workspace'"), the native kernels do
         (grad,) = vjp(lambda h: native(h)[0].sum(), x)[1](torch.tensor(1.0))

@@ -1,8 +1,9 @@
 """The command line: ``fwdtrans train`` (one resumable run), ``fwdtrans study`` (a grid of runs and its
 tables) and ``fwdtrans demo`` (three methods side by side).
 
-Every option is a field of :class:`TrainConfig`; the flags, their types, choices and defaults are
-generated from it, so the CLI, the config recorded in a run directory and the Python API agree.
+Every option is a field of :class:`TrainConfig`, or of its :class:`fwdtrans.Method`; the flags, their types,
+choices (a ``Literal``'s values) and defaults are generated from them, so the CLI, the config recorded in
+a run directory and the Python API agree.
 """
 
 from __future__ import annotations
@@ -12,16 +13,16 @@ import dataclasses
 import signal
 import sys
 import threading
+import typing
 from functools import partial
 
 from tqdm import tqdm
 
 import fwdtrans
 
-from .. import _method
 from .._errors import FwdTransError
 from ._datasets import DATASETS
-from ._loop import TrainConfig, train
+from ._loop import METHOD_KEYS, TrainConfig, train
 from ._presets import PRESETS, preset
 from ._rundir import write_json
 from ._schedule import SCHEDULES
@@ -76,32 +77,46 @@ _HELP = {
     "probe_epochs": "after training, train fresh heads N epochs on the frozen network's block outputs and record "
                     "their per-block losses (the paper's Figure 2, for methods that train no heads)",
 }
-_CHOICES = {
-    "model": ("resnet18",), "heads": ("auto", "cnn", "mlp", "linear"), "target": _method.TARGETS,
-    "guess": _method.GUESSES, "space": _method.SPACES, "granularity": _method.GRANULARITY,
-    "aggregation": _method.AGGREGATION, "per_sample": _method.PER_SAMPLE, "engine": _method.ENGINES,
-    "streams": _method.STREAMS, "dataset": DATASETS, "schedule": SCHEDULES,
-}
-_METHOD_FIELDS = {f.name for f in dataclasses.fields(fwdtrans.Method)}
+_CHOICES = {"model": ("resnet18",), "heads": ("auto", "cnn", "mlp", "linear"), "dataset": DATASETS,
+            "schedule": SCHEDULES}
 _TYPES = {"head_width": int, "step_size": int, "threads": int, "gamma": float, "data_dir": str}
 
 
-def _add_config_options(parser: argparse.ArgumentParser, *, method: bool, defaults: dict) -> None:
-    """One flag per field of TrainConfig (``method=False`` leaves out the method's fields)."""
+def _literal(hint) -> tuple[str, ...] | None:
+    """The values of a ``Literal`` type, also inside a union (``guess``: a name or a callable)."""
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint)
+    return next((values for arg in typing.get_args(hint) if (values := _literal(arg))), None)
+
+
+def _fields() -> list[tuple[str, object, tuple[str, ...] | None]]:
+    """(name, default, choices) of every flag: TrainConfig's fields, with the Method's in place of ``method``."""
+    hints = typing.get_type_hints(fwdtrans.Method)
+    out: list[tuple[str, object, tuple[str, ...] | None]] = []
     for f in dataclasses.fields(TrainConfig):
-        if f.name in _METHOD_FIELDS and not method:
+        if f.name == "method":
+            out += [(m.name, m.default, _literal(hints[m.name])) for m in dataclasses.fields(fwdtrans.Method)]
+        else:
+            out.append((f.name, f.default, _CHOICES.get(f.name)))
+    return out
+
+
+def _add_config_options(parser: argparse.ArgumentParser, *, method: bool, defaults: dict) -> None:
+    """One flag per field of TrainConfig and of its Method (``method=False`` leaves out the method's)."""
+    for name, field_default, choices in _fields():
+        if name in METHOD_KEYS and not method:
             continue
-        default = defaults.get(f.name, f.default)
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "augment":
+        default = defaults.get(name, field_default)
+        flag = "--" + name.replace("_", "-")
+        if name == "augment":
             parser.add_argument("--no-augment", dest="augment", action="store_false",
                                 help="turn off " + _HELP["augment"])
         elif isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help=_HELP[f.name])
+            parser.add_argument(flag, action="store_true", help=_HELP[name])
         else:
-            kind = _TYPES.get(f.name, type(default))
-            parser.add_argument(flag, type=kind, default=default, choices=_CHOICES.get(f.name), help=_HELP[f.name],
-                                metavar=None if f.name in _CHOICES else f.name.upper())
+            kind = _TYPES.get(name, type(default))
+            parser.add_argument(flag, type=kind, default=default, choices=choices, help=_HELP[name],
+                                metavar=None if choices else name.upper())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -123,7 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("study", help="run a grid of runs (a preset of the paper's tables, or a TOML file) and write "
                        "its tables and plots", formatter_class=formatter,
                        description="Run a study: one resumable run directory per cell under --out, then the table "
-                                   "(markdown, CSV) beside the paper's numbers, and plots. The same command resumes it.")
+                                   "(markdown, CSV) beside the paper's numbers, and plots. The same command resumes "
+                                   "it.")
     s.add_argument("preset", nargs="?", default=None, help="a preset (see --list)")
     s.add_argument("--config", default=None, help="a study in a TOML file instead of a preset")
     s.add_argument("--out", default=None, help="the study's folder")
@@ -140,8 +156,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace, **override) -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{**{k: v for k, v in vars(args).items() if k in names}, **override})
+    names = {name for name, _, _ in _fields()}
+    return TrainConfig.from_dict({**{k: v for k, v in vars(args).items() if k in names}, **override})
 
 
 def _progress():

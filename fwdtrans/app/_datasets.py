@@ -392,7 +392,7 @@ def _read_npz_split(paths: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor]:
               for path in paths]
     images = np.empty((sum(map(len, labels)), 3, 32, 32), dtype=np.uint8)
     start = 0
-    for path, batch_labels in zip(paths, labels):
+    for path, batch_labels in zip(paths, labels, strict=True):
         rows = _rows(_npz_array(path, "data"), len(batch_labels), path, _IMAGENET32_LAYOUT)
         images[start:start + len(rows)] = rows.reshape(-1, 3, 32, 32)
         start += len(rows)

@@ -19,9 +19,10 @@ import math
 import platform
 import random
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,13 +39,14 @@ from ._datasets import DATASETS, ImageDataset, load_dataset
 from ._rundir import FORMAT, RunDir, deferred_interrupts, load_checkpoint, save_checkpoint, save_torch, write_json
 from ._schedule import SCHEDULES, lr_factor
 
-__all__ = ["EXECUTION_KEYS", "TrainConfig", "build", "evaluate", "resolve_device", "train"]
+__all__ = ["EXECUTION_KEYS", "METHOD_KEYS", "TrainConfig", "build", "evaluate", "resolve_device", "train"]
 
 # settings that may change when a run resumes: they change how, where or what is logged, not what is trained
 EXECUTION_KEYS = ("epochs", "device", "threads", "compile", "checkpoint_every", "diagnostics_every", "tensorboard",
                   "data_dir")
 _PAPER_SCHEDULE = {"imagenet32": (20, 0.1)}  # (step_size, gamma); the others: (30, 0.2)
 _HEADS = ("auto", "cnn", "mlp", "linear")
+METHOD_KEYS = tuple(f.name for f in fields(Method))  # the method's fields, flat in config.json, studies and flags
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,9 @@ class TrainConfig:
     Model: ``width`` scales the ResNet-18 (64 = the paper's); ``blocks=8`` and ``16`` are the
     paper's cuts (16: no skip connections); ``heads="auto"`` sizes each head to 10% of its
     block's FLOPs, and ``head_width=None`` scales the paper's CNN/MLP widths (32/1024 for 8 blocks,
-    16/512 for 16 blocks, at width 64) with ``width``. Method: the fields of
-    [`fwdtrans.Method`][fwdtrans.Method]. Data: ``dataset`` read from ``data_dir`` (``None``: the
+    16/512 for 16 blocks, at width 64) with ``width``. ``method``: a [`fwdtrans.Method`][fwdtrans.Method];
+    recorded flat (:meth:`to_dict`, :meth:`from_dict`: ``guess="local"`` beside ``width=16``), as
+    studies and the command line's flags set it. Data: ``dataset`` read from ``data_dir`` (``None``: the
     CIFAR-10 subset shipped with fwdtrans), the first ``limit`` training images (0: all).
     Optimisation: SGD; ``schedule="step"`` multiplies the rate by ``gamma`` every ``step_size``
     epochs (``None``: the paper's, 30 and 0.2, ImageNet32 20 and 0.1). Execution (may differ when
@@ -68,6 +71,8 @@ class TrainConfig:
     Example:
         >>> TrainConfig(width=4, blocks=2, epochs=1).validate().schedule
         'step'
+        >>> TrainConfig.from_dict({"width": 4, "guess": "ntk"}).method.guess
+        'ntk'
     """
 
     model: str = "resnet18"
@@ -75,16 +80,7 @@ class TrainConfig:
     blocks: int = 8
     heads: str = "auto"
     head_width: int | None = None
-    target: str = "global"
-    guess: str = "local"
-    space: str = "activity"
-    granularity: str = "tensor"
-    tangents: int = 1
-    aggregation: str = "mean"
-    per_sample: str = "by-loss"
-    engine: str = "forward"
-    streams: str = "per-block"
-    recompute: bool = False
+    method: Method = field(default_factory=Method)
     dataset: str = "cifar10"
     data_dir: str | None = None
     limit: int = 0
@@ -106,9 +102,21 @@ class TrainConfig:
     tensorboard: bool = False
     probe_epochs: int = 0
 
-    def method(self) -> Method:
-        """The run's [`fwdtrans.Method`][fwdtrans.Method] (validated)."""
-        return Method(**{f.name: getattr(self, f.name) for f in fields(Method)})
+    def to_dict(self) -> dict[str, Any]:
+        """The config as ``config.json`` and the summary record it: flat, the method's fields in its place."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            out.update(self.method.to_dict() if f.name == "method" else {f.name: getattr(self, f.name)})
+        return out
+
+    @classmethod
+    def from_dict(cls, settings: Mapping[str, Any]) -> TrainConfig:
+        """A config from flat settings (:meth:`to_dict`'s form): the method's fields make its ``method``."""
+        method = {k: v for k, v in settings.items() if k in METHOD_KEYS}
+        rest = {k: v for k, v in settings.items() if k not in METHOD_KEYS}
+        if "method" in rest and method:
+            raise FwdTransError(f"method= and the method field(s) {', '.join(method)}: give the method one way.")
+        return cls(**rest) if "method" in rest else cls(**rest, method=Method(**method))
 
     def validate(self) -> TrainConfig:
         """Refuse a bad value before anything runs; return the config with the paper's schedule
@@ -137,7 +145,8 @@ class TrainConfig:
         for ok, key, fix in checks:
             if not ok:
                 raise FwdTransError(f"{key}={getattr(self, key)!r} is not valid: {fix}.")
-        self.method()
+        if not isinstance(self.method, Method):
+            raise FwdTransError(f"method={self.method!r} is not valid: use a fwdtrans.Method.")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise FwdTransError("tensorboard=True needs the tensorboard package. Fix: pip install tensorboard, or "
                                 "leave it off (metrics.jsonl is always written).")
@@ -204,7 +213,7 @@ def build(config: TrainConfig, image_shape: tuple[int, ...], num_classes: int) -
                      in_channels=image_shape[0])
     blocks = model.paper_cuts() if config.blocks in (8, 16) else config.blocks
     return fwdtrans.convert(model, torch.zeros(2, *image_shape), blocks=blocks, heads=config.head_spec(),
-                            seed=config.seed, **{f.name: getattr(config, f.name) for f in fields(Method)})
+                            seed=config.seed, method=config.method)
 
 
 def _rng_state(converted) -> dict:
@@ -238,7 +247,7 @@ def _check_resumable(recorded: dict, config: TrainConfig, data: dict, run: RunDi
     if recorded.get("format") != FORMAT:
         raise FwdTransError(f"{run.config} has format {recorded.get('format')!r}; this fwdtrans writes format "
                             f"{FORMAT}. Fix: start the run in a new --run-dir.")
-    old, new = recorded["config"], asdict(config)
+    old, new = recorded["config"], config.to_dict()
     differing = sorted(k for k in old.keys() | new.keys() if k not in EXECUTION_KEYS and old.get(k) != new.get(k))
     if recorded.get("data") != data:
         differing.append("data")
@@ -324,7 +333,8 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
         converted.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         _set_rng_state(converted, checkpoint["rng"])
-        epoch, start, step, history = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"], checkpoint["history"]
+        epoch, start, step = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]
+        history = checkpoint["history"]
         running = _Epoch(checkpoint["sums"])
     if epoch > config.epochs:
         raise FwdTransError(f"{run.path} has already trained {epoch} epochs; epochs={config.epochs} cannot shrink it. "
@@ -334,7 +344,7 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
                "threads": torch.get_num_threads(), "compile": config.compile, "epochs": config.epochs,
                "start_epoch": epoch, "start_step": step, "versions": _versions()}
     if run is not None:
-        write_json(run.config, {"format": FORMAT, "config": asdict(config), "data": identity,
+        write_json(run.config, {"format": FORMAT, "config": config.to_dict(), "data": identity,
                                 "method": method.to_dict(), "cuts": list(converted.cut_names),
                                 "segments": [*(recorded or {}).get("segments", []), segment]})
         run.rewrite_metrics(history)  # exactly the epochs the checkpoint holds
@@ -399,7 +409,7 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
         writer.close()
     probes = _probe(converted, config, data, (train_x, train_y), (test_x, test_y)) if config.probe_epochs else {}
     summary = {
-        "config": asdict(config),
+        "config": config.to_dict(),
         "method": method.to_dict(),
         "cuts": list(converted.cut_names),
         "data": identity,
@@ -440,7 +450,8 @@ def _probe(converted: fwdtrans.Converted, config: TrainConfig, data: ImageDatase
             for xb, yb in batches(*train_set, config.batch_size, mean=data.mean, std=data.std, shuffle=True,
                                   augment=config.augment and data.augment, drop_last=True,
                                   generator=epoch_generator(config.seed + 1, epoch)):
-                losses = torch.stack([F.cross_entropy(head(h), yb) for head, h in zip(heads, _features(converted, xb))])
+                losses = torch.stack([F.cross_entropy(head(h), yb)
+                                      for head, h in zip(heads, _features(converted, xb), strict=True)])
                 optimizer.zero_grad()
                 losses.sum().backward()
                 optimizer.step()
@@ -452,7 +463,7 @@ def _probe(converted: fwdtrans.Converted, config: TrainConfig, data: ImageDatase
         with torch.no_grad():
             for xb, yb in batches(*test_set, 500, mean=data.mean, std=data.std, shuffle=False, augment=False):
                 tests += torch.stack([F.cross_entropy(head(h), yb, reduction="sum")
-                                      for head, h in zip(heads, _features(converted, xb))]).cpu()
+                                      for head, h in zip(heads, _features(converted, xb), strict=True)]).cpu()
         converted.train()
     return {**out, **{f"probe_test_loss/head{j}": float(v) / len(test_set[1]) for j, v in enumerate(tests)}}
 

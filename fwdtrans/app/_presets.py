@@ -115,7 +115,7 @@ def _local_target(groups: Iterable[tuple[str, Mapping[str, Any], str, str, str]]
     settings, numbers = {}, {}
     for prefix, group, *texts in groups:
         for (kind, guess), text in zip((("local learning", "local"), ("Gaussian", "gaussian"),
-                                        ("Rademacher", "rademacher")), texts):
+                                        ("Rademacher", "rademacher")), texts, strict=True):
             settings[f"{prefix} {kind}"] = {**group, "target": "local", "guess": guess}
             numbers[f"{prefix} {kind}"] = text
     return settings, numbers

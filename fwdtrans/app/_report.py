@@ -85,7 +85,7 @@ def format_table(spec: StudySpec, study_cells: list[Cell], results: dict[str, di
                     "row": row.label, "column": column.label, "runs": len(runs), "finished": len(values),
                     "mean": f"{statistics.mean(values):.2f}" if values else "",
                     "std": f"{statistics.stdev(values):.2f}" if len(values) > 1 else "",
-                    "paper": paper, "engine": runs[0].config.engine, "epochs": runs[0].config.epochs,
+                    "paper": paper, "engine": runs[0].config.method.engine, "epochs": runs[0].config.epochs,
                 })
         md.append("| " + " | ".join([row.label, *cells_md]) + " |")
     buffer = io.StringIO()
@@ -100,7 +100,7 @@ def _notes(spec: StudySpec, study_cells: list[Cell], results: dict[str, dict]) -
     lines = []
     engines: dict[str, set[str]] = {}
     for cell in study_cells:
-        engines.setdefault(cell.column.label, set()).add(cell.config.engine)
+        engines.setdefault(cell.column.label, set()).add(cell.config.method.engine)
     lines.append("Engines: " + "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in engines.items())
                  + " (both compute the same estimates; each cell uses the one measured faster for it).")
     if study_cells:
@@ -162,11 +162,11 @@ def _plots(study_cells: list[Cell], results: dict[str, dict], out: Path) -> None
         blocks = max(int(k.split("block")[1]) for _, es in curves for e in es for k in e if k.startswith("guess_cos"))
         shown = sorted({0, blocks // 2, blocks})
         fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.5), squeeze=False)
-        for ax, j in zip(axes[0], shown):
+        for ax, j in zip(axes[0], shown, strict=False):
             for cell, es in curves:
                 points = [(e["epoch"], e[f"guess_cosine/block{j}"]) for e in es if f"guess_cosine/block{j}" in e]
                 if points:
-                    ax.plot(*zip(*points), marker=".", label=_labels(cell))
+                    ax.plot(*zip(*points, strict=True), marker=".", label=_labels(cell))
             ax.set(xlabel="epoch", title=f"block {j}: cos(guess, target)")
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=7)
@@ -180,15 +180,15 @@ def _plots(study_cells: list[Cell], results: dict[str, dict], out: Path) -> None
         if result["state"] != "done":
             continue
         last, probes = result["epochs"][-1], result["summary"].get("probes", {})
-        for ax, split in zip(axes, ("train", "test")):
+        for ax, split in zip(axes, ("train", "test"), strict=False):
             own = sorted((int(k.split("head")[1]), v) for k, v in last.items() if k.startswith(f"{split}_loss/head"))
             probe = sorted((int(k.split("head")[1]), v) for k, v in probes.items()
                            if k.startswith(f"probe_{split}_loss/head"))
-            points = own if own and cell.config.method().trains_heads else probe
+            points = own if own and cell.config.method.trains_heads else probe
             if points:
-                ax.plot(*zip(*points), marker="o", label=_labels(cell))
+                ax.plot(*zip(*points, strict=True), marker="o", label=_labels(cell))
                 drawn = True
-    for ax, split in zip(axes, ("train", "test")):
+    for ax, split in zip(axes, ("train", "test"), strict=False):
         ax.set(xlabel="block", ylabel="local loss", title=f"Per-block local {split} loss, end of training")
         ax.grid(alpha=0.3)
     if drawn:

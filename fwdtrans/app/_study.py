@@ -94,7 +94,7 @@ def _record(spec: StudySpec, study_cells: list[Cell], out: Path) -> None:
                                 "--out folder.")
     write_json(path, {"format": FORMAT, "name": spec.name, "title": spec.title, "notes": spec.notes,
                       "runs": [{"name": c.name, "row": c.row.label, "column": c.column.label, "seed": c.seed,
-                                "config": dataclasses.asdict(c.config)} for c in study_cells]})
+                                "config": c.config.to_dict()} for c in study_cells]})
 
 
 def status(cell: Cell, out: str | os.PathLike) -> tuple[str, int]:
@@ -117,7 +117,8 @@ def _steps(config: TrainConfig) -> int:
 def _signature(config: TrainConfig) -> str:
     keys = ("width", "blocks", "heads", "head_width", "target", "guess", "space", "granularity", "tangents",
             "aggregation", "per_sample", "engine", "streams", "recompute", "dataset", "batch_size", "compile")
-    return json.dumps({k: getattr(config, k) for k in keys} | {"device": str(resolve_device(config.device))})
+    flat = config.to_dict()
+    return json.dumps({k: flat[k] for k in keys} | {"device": str(resolve_device(config.device))})
 
 
 def estimate(spec: StudySpec, out: str | os.PathLike, *, data_dir: str | None = None, device: str = "auto",
@@ -146,7 +147,7 @@ def estimate(spec: StudySpec, out: str | os.PathLike, *, data_dir: str | None = 
         remaining = 0 if state == "done" else _steps(cell.config) * (1 - done / cell.config.epochs)
         seconds = remaining * cache[key]
         total += seconds
-        lines.append(f"{cell.name:<58} {state:>7} {done:>3}/{cell.config.epochs:<3} {cell.config.engine:>9} "
+        lines.append(f"{cell.name:<58} {state:>7} {done:>3}/{cell.config.epochs:<3} {cell.config.method.engine:>9} "
                      f"{cache[key] * 1000:>8.0f} {seconds / 3600:>8.2f}")
     log(f"{'run':<58} {'status':>7} {'epochs':>7} {'engine':>9} {'ms/step':>8} {'hours':>8}")
     for line in lines:

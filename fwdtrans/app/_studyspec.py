@@ -2,7 +2,8 @@
 
 A study lays its runs out the way the paper lays out a results table: each *row* (e.g. "Local,
 CNN": a guess and a head) and each *column* (e.g. "C10 A (16b)": a data set, a space, a block
-count) sets some fields of :class:`TrainConfig`; a cell is one run per seed. Fields are merged in
+count) sets some fields of :class:`TrainConfig`, flat: the method's fields (``guess = "local"``)
+beside the others, as :meth:`TrainConfig.from_dict` takes them; a cell is one run per seed. Fields are merged in
 the order ``train`` (shared) < column < row < ``overrides`` (rules such as "random guesses use
 lr 0.005", the paper's per-configuration learning rates), so that each row and column says only
 what distinguishes it. ``engine="auto"`` picks, per cell, the engine the Performance page
@@ -44,7 +45,6 @@ Studies come from presets (``_presets``) or from a TOML file (:func:`load_spec`)
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import sys
 from collections.abc import Mapping
@@ -63,12 +63,13 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = ["Cell", "Column", "Override", "Row", "StudySpec", "cells", "load_spec", "uses_heads"]
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_DEFAULTS = TrainConfig().to_dict()  # the flat fields, the method's among them, with their defaults
 _STUDY_ONLY = {"engine": "auto"}  # values a study accepts beyond TrainConfig's
 # the fields a study's train, rows, columns and overrides may set (data_dir, device and threads come
 # from the command line), with their accepted types
-_TYPES = {name: (float, int) if isinstance(f.default, float) else (type(f.default),)
-          for name, f in _FIELDS.items() if f.default is not None and name not in ("device", "threads", "tensorboard")}
+_TYPES = {name: (float, int) if isinstance(default, float) else (type(default),)
+          for name, default in _DEFAULTS.items()
+          if default is not None and name not in ("device", "threads", "tensorboard")}
 _TYPES.update(head_width=(int,), step_size=(int,), gamma=(float, int))
 
 
@@ -196,7 +197,7 @@ def cells(spec: StudySpec, **fixed: Any) -> list[Cell]:
                 settings["engine"] = auto_engine(settings)
             for seed in column.seeds or spec.seeds:
                 try:
-                    config = TrainConfig(**{**settings, **fixed, "seed": seed}).validate()
+                    config = TrainConfig.from_dict({**settings, **fixed, "seed": seed}).validate()
                 except (FwdTransError, TypeError) as e:
                     raise FwdTransError(f"study {spec.name!r}, row {row.label!r}, column {column.label!r}: {e}") \
                         from None
@@ -277,7 +278,7 @@ def _known(data: Any, keys: set[str], where: str) -> None:
 
 
 def _defaults() -> dict[str, Any]:
-    return {name: f.default for name, f in _FIELDS.items()}
+    return dict(_DEFAULTS)
 
 
 def _check_fields(settings: Mapping[str, Any], where: str, values: bool = True) -> None:
@@ -289,7 +290,7 @@ def _check_fields(settings: Mapping[str, Any], where: str, values: bool = True) 
         for v in value if (not values and isinstance(value, tuple)) else (value,):
             if _STUDY_ONLY.get(key) == v:
                 continue
-            ok = _FIELDS[key].default is None if v is None else (
+            ok = _DEFAULTS[key] is None if v is None else (
                 _TYPES[key] == (bool,) if isinstance(v, bool) else isinstance(v, _TYPES[key]))
             if not ok:
                 expected = " or ".join(t.__name__ for t in _TYPES[key])

@@ -1,0 +1,98 @@
+"""Blocks as pure functions: every call the engine, ``check`` and ``convert``'s probes make of a block.
+
+A block (or a head) is called with ``torch.func.functional_call`` on parameters and buffers passed in,
+never on its own state: buffers are cloned and their new values returned, so BatchNorm's running
+statistics are updated once per step however often the block runs, and nothing is written while a
+``torch.func`` transform (or ``torch.compile``) traces the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.func
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+
+vmap: Callable[..., Any] = torch.func.vmap  # its stub refuses out_dims entries of None
+
+__all__ = ["State", "as_inputs", "call", "push", "push_params", "rng_state", "state"]
+
+State = tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]  # trained params, frozen params, buffers
+
+
+def as_inputs(x: object) -> tuple:
+    """The positional inputs of block 0: a tuple or list holds several inputs; a tensor or a dict is one."""
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def state(module: nn.Module) -> State:
+    """A module's trained parameters, frozen parameters and buffers, by name."""
+    params: dict[str, Tensor] = dict(module.named_parameters())
+    trained = {k: p for k, p in params.items() if p.requires_grad}
+    return trained, {k: p for k, p in params.items() if not p.requires_grad}, dict(module.named_buffers())
+
+
+def call(module: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], *args: Any) -> tuple:
+    """``module(*args)`` with ``params``; returns ``(out, new_buffers)`` (buffers cloned, never mutated)."""
+    fresh = {k: b.clone() for k, b in buffers.items()}
+    return functional_call(module, (params, fresh), args), fresh
+
+
+def _norm_affine(block: nn.Module) -> tuple[str, ...]:
+    """Names of the affine parameters of ``block``'s normalisation layers."""
+    return tuple(f"{name}.{k}" for name, m in block.named_modules()
+                 if isinstance(m, nn.modules.batchnorm._NormBase) for k, _ in m.named_parameters(recurse=False))
+
+
+def push(block: nn.Module, h: Tensor, streams: Tensor, st: State | None = None) -> tuple[Tensor, Tensor, dict]:
+    """Run ``block`` on ``h`` and push the tangent ``streams`` (``(S, *h.shape)``) through it.
+
+    Returns ``(out, tangents, new_buffers)``; the primal is computed once, dropout draws one mask for
+    the primal and every stream. Under ``torch.compile`` the normalisation layers' affine parameters
+    join the ``jvp`` primals with zero tangents: torch 2.13 fails to compile a BatchNorm whose input
+    carries a tangent while its weight does not (pytorch/pytorch#139756).
+    """
+    trained, frozen, buffers = st or state(block)
+    params = {**frozen, **trained}
+    dual = {k: params[k] for k in _norm_affine(block) if k in params} if torch.compiler.is_compiling() else {}
+    zeros = {k: torch.zeros_like(v) for k, v in dual.items()}
+
+    def f(x: Tensor, d: dict[str, Tensor]) -> tuple:
+        return call(block, {**params, **d}, buffers, x)
+
+    out, tangents, new = vmap(lambda t: jvp(f, (h, dual), (t, zeros), has_aux=True),
+                              out_dims=(None, 0, 0), randomness="same")(streams)
+    return out, tangents, {k: b[0] for k, b in new.items()}
+
+
+def push_params(block: nn.Module, h: tuple, directions: Sequence[Tensor], st: State | None = None,
+                rng: list[Tensor] | None = None) -> Tensor:
+    """``J_theta block(h) . v`` for each of the ``S`` directions (``(S, *p)`` per trained parameter).
+
+    This runs the block again: ``rng`` (the random state its forward started from, see
+    :func:`rng_state`) makes it draw the forward's dropout masks again, and leaves the random state
+    as it found it.
+    """
+    trained, frozen, buffers = st or state(block)
+    names = list(trained)
+
+    def one(*v: Tensor) -> Tensor:
+        return jvp(lambda *p: call(block, {**frozen, **dict(zip(names, p, strict=True))}, buffers, *h)[0],
+                   tuple(trained.values()), v)[1]
+
+    if rng is None:
+        return vmap(one, randomness="same")(*directions)
+    devices = list(range(len(rng) - 1))
+    with torch.random.fork_rng(devices):
+        torch.set_rng_state(rng[0])
+        for device, s in zip(devices, rng[1:], strict=True):
+            torch.cuda.set_rng_state(s, device)
+        return vmap(one, randomness="same")(*directions)
+
+
+def rng_state() -> list[Tensor]:
+    """The random state dropout draws from: the CPU's, then every CUDA device's."""
+    return [torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])]

@@ -1,0 +1,294 @@
+"""Spaces: where a block's target and guess live, and what one projection covers. One class per space.
+
+A space is chosen once from the :class:`~fwdtrans.Method` (:func:`space_for`) and answers every question
+the engine, ``check`` and ``Method.stream_count`` ask that depends on it:
+
+* :meth:`Space.guess`: the block's directions, from the method's :class:`~fwdtrans._guesses.Guess`;
+* :meth:`Space.streams` and :meth:`Space.origin`: the tangent streams they open, where the guess lives
+  and at the block output (where the forward engine carries them);
+* :meth:`Space.reference_values`: the directional derivatives from a cotangent at the block output
+  (the reference engine);
+* :meth:`Space.estimate` (:meth:`Space.joint_estimates`) and :meth:`Space.gradients`: the estimate per
+  projection unit, and the block's parameter gradients from it;
+* :meth:`Space.alignment`: estimate, target and guess side by side, for ``check``;
+* :meth:`Space.problems`: the methods it cannot compute (``Method`` reports them with its own);
+* and, as attributes, how the engine treats it (read per sample, pulled back, block run twice, ...).
+
+Adding a space: a :class:`Space` subclass and one entry in :data:`SPACES`, keyed by the ``space=`` name
+or, for a granularity with an estimator of its own, by ``(space, granularity)``; the option's name goes
+in ``_method``'s ``Literal`` (which gives its type, its validation and its CLI choice).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+from torch import Tensor
+
+from . import _projection
+from ._blocks import push_params
+
+if TYPE_CHECKING:
+    from ._engine import BlockRecord, Projected
+    from ._method import Method
+    from ._plan import Plan
+
+__all__ = ["SPACES", "Activity", "Space", "Span", "Weight", "space_class", "space_for"]
+
+Estimate = Any  # a tensor shaped like the block output (activity, span), or one tensor per parameter (weight)
+
+
+class Space:
+    """One space. The class attributes say how the engine treats it."""
+
+    per_sample = False  # the streams' values are read per output sample (else summed over the batch)
+    pulls_back = True  # the estimate is pulled back through the block (else it is the parameters' gradient)
+    param_tangents = False  # the forward engine pushes parameter directions through the block, running it again
+    multi_tensor = True  # gives each tensor crossing a multi-tensor cut a guess of its own
+
+    def __init__(self, method: Method):
+        self.method = method
+        self.k = method.tangents
+        # the step runs a block's forward a second time: the random state its first run started from is
+        # noted, to replay its dropout masks
+        self.reruns_block = self.param_tangents and method.engine == "forward"
+
+    @staticmethod
+    def problems(method: Method) -> list[str]:
+        """What makes ``method`` invalid in this space, beyond what ``Method`` checks itself (one sentence
+        each, as ``Method``'s own: "what is wrong: what to use")."""
+        return []
+
+    def streams_at(self, batch: int, tensors: int, crossing: int) -> int:
+        """Streams opened at one block with ``tensors`` parameter tensors and ``crossing`` tensors at its cut."""
+        raise NotImplementedError
+
+    def noise_shapes(self, plan: Plan, j: int, batch: int) -> list[tuple[int, ...]]:
+        """The shapes of block ``j``'s noise guesses, drawn before the step."""
+        raise NotImplementedError
+
+    def guess(self, sweep: Projected, j: int, b: BlockRecord) -> bool:
+        """Set ``b``'s directions (and whatever the space's estimate needs); return whether they open
+        streams (``False``: nothing to estimate, and ``b.values`` is set)."""
+        raise NotImplementedError
+
+    def streams(self, b: BlockRecord) -> Tensor | list[Tensor]:
+        """The bundle's streams where the guess lives."""
+        raise NotImplementedError
+
+    def origin(self, sweep: Projected, j: int, b: BlockRecord) -> Tensor:
+        """The bundle's tangents at the block output ``(S, *out)``, for the forward engine."""
+        raise NotImplementedError
+
+    def reference_values(self, sweep: Projected, j: int, b: BlockRecord, cotangent: Tensor) -> tuple[Tensor, list]:
+        """The streams' values from the target's cotangent at the block output (per output sample, rows
+        ``(B, B, ...)``, when ``per_sample``); and the target gradient in the space, for ``check``."""
+        raise NotImplementedError
+
+    def estimate(self, b: BlockRecord, values: Tensor, segments: tuple[int, ...]) -> Estimate:
+        """The block's estimate from its streams' values (``segments``: the tensors packed at its cut)."""
+        raise NotImplementedError
+
+    def joint_estimates(self, blocks: Sequence[BlockRecord], total: Tensor, plan: Plan) -> list[Estimate]:
+        """Every block's estimate from one value shared by all blocks (``Method.joint``)."""
+        return [self.estimate(b, total, s) for b, s in zip(blocks, plan.segments, strict=True)]
+
+    def gradients(self, sweep: Projected, j: int, estimate: Estimate) -> dict[str, Tensor]:
+        """Block ``j``'s parameter gradients, by name, from its estimate."""
+        raise NotImplementedError
+
+    def alignment(self, b: BlockRecord, estimate: Estimate, segments: tuple[int, ...]
+                  ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]] | None:
+        """For ``check``: the target and the estimate (flat or as is), and the (target, guess) pairs whose
+        cosines average to the paper's Eq. 6; ``None`` for a block with nothing estimated."""
+        raise NotImplementedError
+
+
+def _unit(g: Tensor) -> Tensor:
+    """Each sample's slice divided by its norm (zero stays zero). Normalising before the tangents
+    are pushed matters: with samples mixed downstream, one stream carries every sample's guess."""
+    norms = g.flatten(1).norm(dim=1).clamp_min(torch.finfo(g.dtype).tiny)
+    return g / norms.view(-1, *([1] * (g.dim() - 1)))
+
+
+def _per_segment(v: Tensor, segments: tuple[int, ...], normalise: bool) -> Tensor:
+    """With several ``segments`` (tensors packed in the block output, per-sample sizes) each tensor gets
+    guesses of its own: ``(m * k, B, *h)``, row ``(i, t)`` being guess ``t`` restricted to tensor ``i``."""
+    if len(segments) > 1:
+        parts = v.flatten(2).split(list(segments), -1)
+        v = torch.cat([torch.cat([p if i == k else torch.zeros_like(p) for k, p in enumerate(parts)], -1)
+                       for i in range(len(parts))]).view(-1, *v.shape[1:])
+    return torch.stack([_unit(r) for r in v]) if normalise else v
+
+
+class Activity(Space):
+    """``space="activity"`` (Eq. 5): the block output's gradient, projected per sample, then pulled back
+    through the block. ``per_sample="exact"`` opens one stream per sample, read summed over the outputs."""
+
+    def __init__(self, method: Method):
+        super().__init__(method)
+        self.exact = method.per_sample == "exact"
+        self.per_sample = self.multi_tensor = not self.exact
+
+    def streams_at(self, batch, tensors, crossing):
+        return self.k * (batch if self.exact else crossing)
+
+    def noise_shapes(self, plan, j, batch):
+        return [(self.k, batch, *plan.cut_shapes[j])]
+
+    def guess(self, sweep, j, b):
+        v = sweep.guess.at_output(j, b.out, b.g, sweep.y, sweep.noise[j])
+        b.normalise = sweep.guess.normalise
+        b.directions = _per_segment(v, sweep.plan.segments[j], b.normalise)
+        return True
+
+    def streams(self, b):
+        v = b.directions
+        if not self.exact:
+            return v  # stream i: guess i at every sample
+        batch = v.shape[1]
+        eye = torch.eye(batch, dtype=v.dtype, device=v.device).view(1, batch, batch, *([1] * (v.dim() - 2)))
+        return (eye * v[:, :, None]).flatten(0, 1)  # stream (i, n): v_i,n at sample n only
+
+    def origin(self, sweep, j, b):
+        return self.streams(b)
+
+    def reference_values(self, sweep, j, b, cotangent):
+        streams = self.streams(b)
+        if self.per_sample:
+            return torch.einsum("mnd,snd->sm", cotangent.flatten(2), streams.flatten(2)), [cotangent.sum(0)]  # (S, B)
+        return (streams * cotangent).flatten(1).sum(-1), [cotangent]
+
+    def estimate(self, b, values, segments):
+        v = b.directions
+        k, batch = v.shape[:2]
+        d = values.view(k, batch) if self.exact else values
+        m = len(segments)  # each crossing tensor's guesses form their own group of rows
+        est = sum(_projection.combine(di, vi.flatten(2), normalise=b.normalise, aggregation=self.method.aggregation)
+                  for di, vi in zip(d.chunk(m), v.chunk(m), strict=True))
+        return cast(Tensor, est).view_as(v[0])
+
+    def gradients(self, sweep, j, estimate):
+        return sweep.param_grads(j, estimate) if sweep.states[j][0] else {}
+
+    def alignment(self, b, estimate, segments):
+        target = b.target[0]
+        first = b.directions.unflatten(0, (len(segments), -1))[:, 0].sum(0)  # each tensor's first guess, together
+        t, v = target.flatten(1), first.flatten(1)
+        return target, estimate, [(t[n], v[n]) for n in range(t.shape[0])]
+
+
+class Span(Activity):
+    """``space="span"`` (Table 6): each sample's output gradient projected on the span of the batch's
+    guesses; stream ``m`` carries guess ``m`` at every sample."""
+
+    def __init__(self, method: Method):
+        super().__init__(method)
+        self.per_sample, self.multi_tensor = True, False
+
+    def streams_at(self, batch, tensors, crossing):
+        return batch
+
+    def streams(self, b):
+        u = b.directions[0]
+        return u[:, None].expand(-1, *u.shape).contiguous()  # stream m: u_m at every sample
+
+    def estimate(self, b, values, segments):
+        u = b.directions[0]
+        return _projection.span(values, u.flatten(1)).view_as(u)
+
+
+class Weight(Space):
+    """``space="weight"`` (Eq. 4): the block's parameter gradient, projected over the batch per unit of
+    ``granularity``: each parameter tensor, the block, or every block at once (``"joint"``)."""
+
+    pulls_back, param_tangents = False, True
+
+    def units(self, tensors: int) -> list[list[int]]:
+        """The projection units of a block: lists of its parameter indices."""
+        return [[i] for i in range(tensors)] if self.method.granularity == "tensor" else [list(range(tensors))]
+
+    def streams_at(self, batch, tensors, crossing):
+        return len(self.units(tensors)) * self.k
+
+    def noise_shapes(self, plan, j, batch):
+        return [(self.k, *p.shape) for p in plan.blocks[j].parameters() if p.requires_grad]
+
+    def guess(self, sweep, j, b):
+        trained = sweep.states[j][0]
+        if not trained:  # nothing to estimate in a parameter-free block (a joint unit still counts it)
+            b.directions, b.units = [], [[]] if self.method.granularity == "joint" else []
+            b.values = b.out.new_zeros(len(b.units) * self.k)
+            return False
+        b.directions = sweep.guess.at_params(lambda: list(sweep.param_grads(j, b.g).values()), sweep.noise[j])
+        b.normalise, b.units = sweep.guess.normalise, self.units(len(trained))
+        return True
+
+    def streams(self, b):
+        # per parameter: the rows of every (unit, tangent) stream, zero outside the unit
+        return [torch.cat([vi if i in unit else torch.zeros_like(vi) for unit in b.units])
+                for i, vi in enumerate(b.directions)]
+
+    def origin(self, sweep, j, b):
+        return push_params(sweep.plan.blocks[j], b.inputs, self.streams(b), sweep.states[j], b.rng)
+
+    def reference_values(self, sweep, j, b, cotangent):
+        grads = list(sweep.param_grads(j, cotangent).values())
+        return sum((s * g).flatten(1).sum(-1) for s, g in zip(self.streams(b), grads, strict=True)), grads
+
+    def estimate(self, b, values, segments):
+        v, k = b.directions, self.k
+        est = [torch.zeros_like(vi[0]) for vi in v]
+        for u_index, unit in enumerate(b.units):
+            d = values[u_index * k:(u_index + 1) * k].view(k, 1)
+            flat = torch.cat([v[i].flatten(1) for i in unit], dim=1)[:, None]  # (k, 1, D)
+            e = _projection.combine(d, flat, normalise=b.normalise, aggregation=self.method.aggregation)[0]
+            offset = 0
+            for i in unit:
+                n = v[i][0].numel()
+                est[i] = e[offset:offset + n].view_as(v[i][0])
+                offset += n
+        return est
+
+    def joint_estimates(self, blocks, total, plan):
+        """One projection over every block's parameters: ``sum_i <T_i, G_i> / sum_i |G_i|^2 G_j``."""
+        k = self.k
+        out = []
+        for b in blocks:
+            if b.normalise:
+                norm2 = sum((bb.directions[i] * bb.directions[i]).flatten(1).sum(-1)
+                            for bb in blocks for i in range(len(bb.directions)))
+                scale = total / norm2.clamp_min(torch.finfo(total.dtype).tiny)
+            else:
+                scale = total
+            out.append([(scale.view(k, *([1] * (vi.dim() - 1))) * vi).mean(0) for vi in b.directions])
+        return out
+
+    def gradients(self, sweep, j, estimate):
+        return dict(zip(sweep.states[j][0], estimate, strict=True))
+
+    def alignment(self, b, estimate, segments):
+        if not b.target:
+            return None
+        target = torch.cat([t.reshape(-1) for t in b.target])
+        # a tensor whose target is round-off next to the block's (a bias before BatchNorm) has no direction
+        floor = torch.finfo(target.dtype).eps ** 0.5 * float(target.norm())
+        pairs = [(t, v[0]) for t, v in zip(b.target, b.directions, strict=True) if float(t.norm()) > floor]
+        return target, torch.cat([e.reshape(-1) for e in estimate]), pairs
+
+
+# The spaces by ``space=`` name; a ``(space, granularity)`` key takes precedence, for a granularity with an
+# estimator of its own (e.g. ``("weight", "sample"): PerSampleWeight``).
+SPACES: dict[str | tuple[str, str], type[Space]] = {"activity": Activity, "weight": Weight, "span": Span}
+
+
+def space_class(method: Method) -> type[Space]:
+    """The class of the method's space."""
+    return SPACES.get((method.space, method.granularity), SPACES[method.space])
+
+
+def space_for(method: Method) -> Space:
+    """The method's space, chosen once."""
+    return space_class(method)(method)
