@@ -119,12 +119,19 @@ def _add_config_options(parser: argparse.ArgumentParser, *, method: bool, defaul
                                 metavar=None if choices else name.upper())
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where it is ``None`` (its help then says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help or "" if action.default is None else super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fwdtrans", description="Train with forward gradients (Fournier et al., "
-                                     "ICML 2023).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     "ICML 2023).", formatter_class=_Help)
     parser.add_argument("--version", action="version", version=f"fwdtrans {fwdtrans.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = _Help
     p = sub.add_parser("train", help="train one configuration, resumable with --run-dir", formatter_class=formatter,
                        description="Train one configuration. With --run-dir the run is checkpointed; the same "
                                    "command with the same --run-dir resumes it.")
