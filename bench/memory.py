@@ -34,6 +34,9 @@ CASES = {
     "weight-block-sequential": {"target": "global", "guess": "local", "space": "weight", "granularity": "block",
                                 "streams": "sequential"},
     "weight-joint": {"target": "global", "guess": "local", "space": "weight", "granularity": "joint"},
+    # the official code's per-sample weight space, with the engine it trains with
+    "weight-sample": {"target": "global", "guess": "local", "space": "weight", "granularity": "sample",
+                      "engine": "reference"},
     "local": {"target": "local", "guess": "local"},
     # convert(..., recompute=True): activity-space recomputation of the block forwards
     "flagship-recompute": {"target": "global", "guess": "local", "space": "activity", "recompute": True},

@@ -5,7 +5,7 @@ Usage:
     python bench/persample.py --width 16 --batch 32        # the quick check (about a minute on 2 cores)
 
 The model is the paper's CIFAR ResNet-18 (``fwdtrans.models.resnet18(width)``) cut into its 8 blocks
-(``blocks=model.paper_cuts()``), with the default heads, in train mode. Three cases, on the same batch:
+(``blocks=model.paper_cuts()``), with the default heads, in train mode. The cases, on the same batch:
 
 * ``plain-backprop``: ``F.cross_entropy(model(x), y).backward()`` on the original model (eager autograd);
 * ``backprop``: fwdtrans's own backprop (``target="global", guess="global"``, ``compute_gradients``), the
@@ -18,14 +18,20 @@ The model is the paper's CIFAR ResNet-18 (``fwdtrans.models.resnet18(width)``) c
   from the logits: for each block ``j = J-2..0``, :func:`fwdtrans._persample.project` with the
   target's cotangent at the block output (the global loss) and the guess's, which also returns the
   target's cotangent at the block input for block ``j - 1``.
+* ``engine``: the same through the engine, ``convert(..., space="weight", granularity="sample",
+  engine="reference")`` and ``compute_gradients`` (what ``fwdtrans train`` runs); the issue's targets
+  are for this case;
+* ``engine-forward`` (with ``--forward``): the engine's forward-mode version (``engine="forward"``), one
+  tangent stream per sample and parameter tensor: far slower, measured to be documented.
 
 Time: the median over ``--rounds`` interleaved rounds (after one warm-up of each), in this process,
 of wall-clock time and of the process's CPU time (see :func:`timing`).
 Memory (all three cases): each case in a fresh process, as in ``bench/memory.py``: the
 peak resident set during two steps (the kernel's high-water mark, reset after a warm-up step) minus
 the resident set before them, with glibc's ``MALLOC_MMAP_THRESHOLD_=131072`` so that freed tensors
-return to the system. ``persample`` is given as a ratio to each backprop. The issue's targets: time <= 2.2x,
-peak memory <= 1.5x. The process runs ``--threads`` threads (default 1: run it with ``OMP_NUM_THREADS=1``).
+return to the system. ``persample`` and the engine's cases are given as ratios to each backprop. The issue's
+targets (for ``engine``): time <= 2.2x, peak memory <= 1.5x. The process runs ``--threads`` threads (default 1:
+run it with ``OMP_NUM_THREADS=1``).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import fwdtrans
 from fwdtrans._persample import choices, project, record
 
 TARGETS = {"time": 2.2, "memory": 1.5}
+_MEASURED = ("persample", "engine", "engine-forward")  # the cases given as ratios to the backprops
 
 
 def build(width: int, batch: int, seed: int = 0):
@@ -57,6 +64,14 @@ def build(width: int, batch: int, seed: int = 0):
     model.train()
     converted.train()
     return model, converted, x, y
+
+
+def engine_model(model, x, engine: str = "reference"):
+    """The per-sample weight space through the engine (global target, local guess, the default heads)."""
+    converted = fwdtrans.convert(model, x[:2], blocks=model.paper_cuts(), target="global", guess="local",
+                                 space="weight", granularity="sample", engine=engine)
+    converted.train()
+    return converted
 
 
 def backprop_step(model, x, y) -> None:
@@ -150,6 +165,10 @@ def _child(case: str, width: int, batch: int, threads: int, chunk: int | None) -
         engine_bp = fwdtrans.convert(model, x[:2], blocks=model.paper_cuts(), target="global", guess="global")
         engine_bp.train()
         step = lambda: engine_bp.compute_gradients(x, y)  # noqa: E731
+    elif case in ("engine", "engine-forward"):
+        del converted
+        engine = engine_model(model, x, "reference" if case == "engine" else "forward")
+        step = lambda: engine.compute_gradients(x, y)  # noqa: E731
     else:
         step = lambda: persample_step(converted, x, y, chunk)  # noqa: E731
     step()  # warm-up: plans, shapes, allocator
@@ -183,9 +202,14 @@ def timing(args) -> dict:
     engine_bp = fwdtrans.convert(model, x[:2], blocks=model.paper_cuts(), target="global", guess="global")
     engine_bp.train()
     phases: dict[str, float] = {}
+    engine = engine_model(model, x)
     cases = {"plain-backprop": lambda: backprop_step(model, x, y),
              "backprop": lambda: engine_bp.compute_gradients(x, y),
-             "persample": lambda: persample_step(converted, x, y, args.chunk, phases)}
+             "persample": lambda: persample_step(converted, x, y, args.chunk, phases),
+             "engine": lambda: engine.compute_gradients(x, y)}
+    if args.forward:
+        forward = engine_model(model, x, "forward")
+        cases["engine-forward"] = lambda: forward.compute_gradients(x, y)
     wall: dict[str, list[float]] = {k: [] for k in cases}
     cpu: dict[str, list[float]] = {k: [] for k in cases}
     for fn in cases.values():
@@ -207,8 +231,8 @@ def timing(args) -> dict:
             rec = record(b, trained, buffers, (h,))
             rules += [f"{j}:{r['node']}={r['rule']}" for r in choices(rec) if "rule" in r]
             h = rec.out
-    ratios = {base: {"wall": med["persample"] / med[base], "cpu": med_cpu["persample"] / med_cpu[base]}
-              for base in ("plain-backprop", "backprop")}
+    ratios = {f"{case}/{base}": {"wall": med[case] / med[base], "cpu": med_cpu[case] / med_cpu[base]}
+              for case in _MEASURED if case in cases for base in ("plain-backprop", "backprop")}
     return {"wall": med, "cpu": med_cpu, "all_wall": wall, "all_cpu": cpu, "ratio": ratios,
             "phases": {k: v / args.rounds for k, v in phases.items()}, "rules": rules,
             "load": os.getloadavg()}
@@ -221,6 +245,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--chunk", type=int, default=None, help="samples per chunk in project (default: automatic)")
+    parser.add_argument("--forward", action="store_true", help="also the engine's forward-mode version (slow)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory processes")
     parser.add_argument("--no-time", dest="time", action="store_false", help="skip the timing")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -237,26 +262,29 @@ def main() -> None:
         t = timing(args)
         result["time"] = t
         print(f"time (median of {args.rounds}; wall / CPU)   1-minute load average {t['load'][0]:.1f}")
-        for name in ("plain-backprop", "backprop", "persample"):
+        for name in t["wall"]:
             line = f"  {name:15s} {t['wall'][name] * 1e3:8.1f} ms / {t['cpu'][name] * 1e3:8.1f} ms"
             print(line)
-        for base, r in t["ratio"].items():
-            print(f"  persample / {base:15s} wall {r['wall']:.2f}x  CPU {r['cpu']:.2f}x   "
+        for pair, r in t["ratio"].items():
+            case, base = pair.split("/")
+            print(f"  {case:14s} / {base:15s} wall {r['wall']:.2f}x  CPU {r['cpu']:.2f}x   "
                   f"(target <= {TARGETS['time']}x)")
         print("  persample phases (wall): " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in t["phases"].items()))
         print("  rules: " + " ".join(t["rules"]))
     if args.memory:
-        rows = {c: memory(c, args) for c in ("plain-backprop", "backprop", "persample")}
+        names = ("plain-backprop", "backprop", "persample", "engine", *(("engine-forward",) if args.forward else ()))
+        rows = {c: memory(c, args) for c in names}
         result["memory"] = rows
         print("peak memory (each case in a fresh process)")
         for name, r in rows.items():
             print(f"  {name:15s} " + (f"{r['peak_bytes'] / 2**20:8.1f} MiB" if "peak_bytes" in r else r["error"]))
-        ps = rows["persample"].get("peak_bytes")
-        for base in ("plain-backprop", "backprop"):
-            if ps is not None and "peak_bytes" in rows[base]:
-                ratio = ps / rows[base]["peak_bytes"]
-                result[f"memory_ratio_{base}"] = ratio
-                print(f"  persample / {base:15s} {ratio:.2f}x   (target <= {TARGETS['memory']}x)")
+        for case in _MEASURED:
+            ps = rows.get(case, {}).get("peak_bytes")
+            for base in ("plain-backprop", "backprop"):
+                if ps is not None and "peak_bytes" in rows[base]:
+                    ratio = ps / rows[base]["peak_bytes"]
+                    result[f"memory_ratio_{case}/{base}"] = ratio
+                    print(f"  {case:14s} / {base:15s} {ratio:.2f}x   (target <= {TARGETS['memory']}x)")
     if args.json:
         tmp = f"{args.json}.tmp"
         with open(tmp, "w") as f:

@@ -15,8 +15,10 @@ Groups:
   ``guess="global"``), ``flagship`` (global target, local guess, activity space, forward engine),
   ``local`` (greedy local learning).
 * one group per space family (``activity``, ``weight-tensor``, ``weight-block``, ``weight-joint``,
-  ``span``): global target x guesses {local, ntk, gaussian} (span: local, ntk) x engines
-  {forward, reference}, side by side.
+  ``weight-sample``, ``span``): global target x guesses {local, ntk, gaussian} (span: local, ntk) x
+  engines {forward, reference}, side by side. ``weight-sample`` (the official code's per-sample weight
+  space) runs its forward engine for the local guess only, as a ``slow`` case: one tangent stream per
+  sample and parameter tensor (3,456 here) makes it hundreds of times slower than backprop.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ FAMILIES = {  # family -> (space, granularity)
     "weight-tensor": ("weight", "tensor"),
     "weight-block": ("weight", "block"),
     "weight-joint": ("weight", "joint"),
+    "weight-sample": ("weight", "sample"),
     "span": ("span", "tensor"),
 }
 GUESSES = ("local", "ntk", "gaussian")
@@ -77,10 +80,14 @@ def _cases() -> list[Case]:
             if space == "span" and guess not in ("local", "ntk", "fixed-ntk"):
                 continue  # span projects on the span of the head guesses
             for engine in ENGINES:
+                if granularity == "sample" and engine == "forward" and guess != "local":
+                    continue  # one forward-engine case is enough to show its cost
                 # slow: the reference engine reads activity/span values per output sample (a batched
-                # backward of B cotangents per block: about B times backprop's work), and the forward
-                # engine in span space propagates B tangent streams per block (448 here; ~15 GB)
-                slow = space == "span" or (engine == "reference" and space == "activity")
+                # backward of B cotangents per block: about B times backprop's work), the forward
+                # engine in span space propagates B tangent streams per block (448 here; ~15 GB), and
+                # per sample and parameter tensor with granularity="sample" (3,456 here)
+                slow = space == "span" or (engine == "reference" and space == "activity") or (
+                    granularity == "sample" and engine == "forward")
                 method = dict(target="global", guess=guess, space=space, granularity=granularity, engine=engine)
                 cases.append(Case(f"{family}-{guess}-{engine}", family, method, family, slow))
     return cases

@@ -8,7 +8,8 @@ statistics are updated once per step however often the block runs, and nothing i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from torch.func import functional_call, jvp
 
 vmap: Callable[..., Any] = torch.func.vmap  # its stub refuses out_dims entries of None
 
-__all__ = ["State", "as_inputs", "call", "push", "push_params", "rng_state", "state"]
+__all__ = ["State", "as_inputs", "call", "norm_affine", "push", "push_params", "replaying", "rng_state", "state"]
 
 State = tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]  # trained params, frozen params, buffers
 
@@ -41,7 +42,7 @@ def call(module: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor
     return functional_call(module, (params, fresh), args), fresh
 
 
-def _norm_affine(block: nn.Module) -> tuple[str, ...]:
+def norm_affine(block: nn.Module) -> tuple[str, ...]:
     """Names of the affine parameters of ``block``'s normalisation layers."""
     return tuple(f"{name}.{k}" for name, m in block.named_modules()
                  if isinstance(m, nn.modules.batchnorm._NormBase) for k, _ in m.named_parameters(recurse=False))
@@ -57,7 +58,7 @@ def push(block: nn.Module, h: Tensor, streams: Tensor, st: State | None = None) 
     """
     trained, frozen, buffers = st or state(block)
     params = {**frozen, **trained}
-    dual = {k: params[k] for k in _norm_affine(block) if k in params} if torch.compiler.is_compiling() else {}
+    dual = {k: params[k] for k in norm_affine(block) if k in params} if torch.compiler.is_compiling() else {}
     zeros = {k: torch.zeros_like(v) for k, v in dual.items()}
 
     def f(x: Tensor, d: dict[str, Tensor]) -> tuple:
@@ -83,14 +84,23 @@ def push_params(block: nn.Module, h: tuple, directions: Sequence[Tensor], st: St
         return jvp(lambda *p: call(block, {**frozen, **dict(zip(names, p, strict=True))}, buffers, *h)[0],
                    tuple(trained.values()), v)[1]
 
-    if rng is None:
+    with replaying(rng):
         return vmap(one, randomness="same")(*directions)
+
+
+@contextlib.contextmanager
+def replaying(rng: list[Tensor] | None) -> Iterator[None]:
+    """Run the body from the random state ``rng`` (see :func:`rng_state`), so that a block run again draws
+    the dropout masks of its first run; the random state is left as it was. ``None``: nothing to replay."""
+    if rng is None:
+        yield
+        return
     devices = list(range(len(rng) - 1))
     with torch.random.fork_rng(devices):
         torch.set_rng_state(rng[0])
         for device, s in zip(devices, rng[1:], strict=True):
             torch.cuda.set_rng_state(s, device)
-        return vmap(one, randomness="same")(*directions)
+        yield
 
 
 def rng_state() -> list[Tensor]:

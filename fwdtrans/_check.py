@@ -145,9 +145,9 @@ def check(converted: Converted, batch: tuple[Any, Tensor], *, verbose: bool = Fa
     reference._gradients(x, y, record=record)
 
     gaps = _gaps(forward, reference)
-    trained = set(dict(forward.blocks.named_parameters(prefix="blocks")))
+    trained = {n for n, p in forward.blocks.named_parameters(prefix="blocks") if p.requires_grad}  # frozen: no grad
     if converted.method.trains_heads:
-        trained |= set(dict(forward.heads.named_parameters(prefix="heads")))
+        trained |= {n for n, p in forward.heads.named_parameters(prefix="heads") if p.requires_grad}
     missing = tuple(n for n, p in forward.named_parameters()
                     if n in trained and (p.grad is None or p.grad.shape != p.shape or not torch.isfinite(p.grad).all()))
 

@@ -162,6 +162,7 @@ class Converted(nn.Module):
         noise = _engine.before_step(plan, y.shape[0], self.generator)
         if compile:
             fn = self.compiled_gradients(compile if isinstance(compile, Mapping) else None)
+            _engine.before_compiled_step(plan, as_inputs(x))
         else:
             fn = functools.partial(_engine.gradients, plan, record=record)
         with torch.no_grad():  # torch.func transforms differentiate on their own
@@ -415,7 +416,8 @@ def convert(
         guess: the Gradient Guess: ``"local"``, ``"ntk"``, ``"fixed-ntk"``, ``"gaussian"``,
             ``"rademacher"``, ``"global"`` (backprop) or a callable ``guess(j, h, y)``.
         space: ``"activity"``, ``"weight"`` or ``"span"``.
-        granularity: weight space: one projection per ``"tensor"``, per ``"block"`` or ``"joint"``.
+        granularity: weight space: one projection per ``"tensor"``, per ``"block"``, ``"joint"``, or per
+            ``"sample"`` and tensor (the official code's default weight space).
         tangents: random guesses per block.
         aggregation: how several tangents combine: ``"mean"`` or ``"project"``.
         per_sample: activity space under sample mixing: ``"by-loss"`` or ``"exact"``.

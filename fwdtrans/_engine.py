@@ -17,7 +17,10 @@ derivatives ``d``.
 
 Both then share the space's estimate (``_projection``) and update: activity estimates are pulled back
 through their block only; weight estimates are the gradients. The last block always gets the exact
-gradient of the global loss. Backprop and greedy local learning are sweeps of their own.
+gradient of the global loss. Backprop and greedy local learning are sweeps of their own, and so is
+the per-sample weight space (``granularity="sample"``, :class:`PerSampleReference` and
+:class:`PerSampleForward`), whose blocks are recorded by :mod:`fwdtrans._persample` and projected one
+at a time after the sweep.
 
 The step is a pure function of a :class:`~fwdtrans._plan.Plan`:
 ``gradients(plan, inputs, y, noise) -> (grads, buffers, metrics)``, with no ``torch.autograd`` call and
@@ -27,6 +30,7 @@ must happen before it, eagerly (NTK heads re-drawn, noise drawn).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,18 +39,20 @@ from typing import Any, cast
 import torch
 import torch.func
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, fx
 from torch.func import vmap
 
-from ._blocks import call, push, rng_state, state
+from . import _persample
+from ._blocks import call, push, replaying, rng_state, state
 from ._errors import FwdTransError
 from ._guesses import guess_for
 from ._method import Method
 from ._plan import Plan
 from ._spaces import space_for
 
-__all__ = ["Backprop", "BlockRecord", "Forward", "LocalLearning", "Projected", "Reference", "before_step",
-           "check_compilable", "crossing", "gradients", "target_end"]
+__all__ = ["Backprop", "BlockRecord", "Forward", "LocalLearning", "PerSampleForward", "PerSampleReference", "Projected",
+           "Reference", "before_compiled_step", "before_step", "check_compilable", "crossing", "gradients",
+           "target_end"]
 
 Grads = dict[str, Tensor]
 vjp: Callable[..., Any] = torch.func.vjp  # (out, pull) or, with has_aux, (out, pull, aux): torch's stub says less
@@ -71,11 +77,23 @@ def crossing(method: Method, j: int, last: int, trained: bool) -> tuple[bool, bo
 def check_compilable(plan: Plan) -> None:
     """Refuse a plan whose step cannot be compiled."""
     method = plan.method
-    if method.kind == "projected" and space_for(method).param_tangents and any(plan.dropout[:-1]):
+    if method.kind != "projected":
+        return
+    rerun = [j for j in space_for(method).rerun(plan) if plan.dropout[j]]
+    if rerun:
+        blocks = ", ".join(map(str, rerun))
         raise FwdTransError(
-            f"compile=True with space={method.space!r} and dropout in a block before the last: the weight-space step "
-            "runs such a block twice and must replay its dropout mask, which a compiled graph cannot. Fix: the eager "
-            "step (compile=False), or remove dropout from the blocks before the last.")
+            f"compile=True with space={method.space!r} (granularity={method.granularity!r}) and dropout in block(s) "
+            f"{blocks}: the forward engine's weight-space step runs such a block twice and must replay its dropout "
+            "mask, which a compiled graph cannot. Fix: the eager step (compile=False), engine='reference', or remove "
+            "dropout from those blocks.")
+
+
+def before_compiled_step(plan: Plan, inputs: tuple) -> None:
+    """Eager work a compiled step of ``plan`` needs done first, on this step's ``inputs`` (the per-sample
+    weight space builds its blocks' rewritten graphs and the shapes of their deltas: Dynamo traces neither)."""
+    if plan.method.kind == "projected":
+        space_for(plan.method).warm(plan, inputs)
 
 
 def before_step(plan: Plan, batch: int, generator: torch.Generator) -> list[list[Tensor]]:
@@ -98,7 +116,11 @@ def gradients(plan: Plan, inputs: tuple, y: Tensor, noise: list[list[Tensor]],
     (``blocks.{j}.*``, ``heads.{j}.*``). ``record``, when given, receives the projected sweep's
     per-block internals (``blocks``: :class:`BlockRecord` s, ``estimates``) for ``check``."""
     method = plan.method
-    sweep = _SWEEPS[method.kind if method.kind != "projected" else method.engine]
+    if method.kind != "projected":
+        sweep = _SWEEPS[method.kind]
+    else:
+        own = space_for(method).sweeps  # a space with sweeps of its own
+        sweep = _SWEEPS[(own, method.engine) if own else method.engine]
     return sweep(plan, inputs, y, noise, record).run()
 
 
@@ -118,6 +140,7 @@ class BlockRecord:
     values: Tensor | None = None  # directional derivatives, per stream (and per output sample)
     target: list[Tensor] | None = None  # reference engine: the target gradient in the space
     rng: list[Tensor] | None = None  # the random state the block's forward started from, to replay its dropout
+    rec: _persample.PerSampleRecord | None = None  # per-sample weight space: the block's record, until projected
 
 
 @dataclass
@@ -282,9 +305,10 @@ class Projected(_Sweep):
     def __init__(self, *args):
         super().__init__(*args)
         self.space, self.guess = space_for(self.method), guess_for(self.method)
+        self.reruns = set(self.space.rerun(self.plan))
 
     def _rng(self, j):
-        return rng_state() if self.space.reruns_block and self.plan.dropout[j] else None
+        return rng_state() if self.plan.dropout[j] and j in self.reruns else None
 
     def _at_head(self, j, b):
         if self.space.guess(self, j, b):
@@ -409,5 +433,107 @@ class Reference(Projected):
         return vmap(lambda c: pull(c)[1])(cotangent) if batched else pull(cotangent)[1]
 
 
-_SWEEPS: dict[str, type[_Sweep]] = {"backprop": Backprop, "local": LocalLearning, "forward": Forward,
-                                    "reference": Reference}
+class _PerSample(Projected):
+    """``space="weight", granularity="sample"`` (:class:`~fwdtrans._spaces.PerSampleWeight`): every block but
+    the last runs through :func:`fwdtrans._persample.record` (its output, every parameterised layer's input,
+    and a pull-back to every such layer's output gradient), the last block under ``vjp`` as usual. After
+    the sweep each block's estimate is formed from its target's and its guess's cotangents at its output,
+    block by block, each block's record dropped as soon as its estimate is formed."""
+
+    def _wrt_inputs(self, j: int) -> bool:
+        """Whether block ``j``'s record must pull a cotangent back to its input too."""
+        return False
+
+    def _run(self, j, inputs, tangents):
+        if j == self.last:
+            return super()._run(j, inputs, tangents)
+        block, (trained, _, buffers) = self.plan.blocks[j], self.states[j]
+        rng = self._rng(j)
+        rec = _persample.record(cast(fx.GraphModule, block), trained, buffers, inputs, wrt_inputs=self._wrt_inputs(j))
+        self._save(f"blocks.{j}", rec.buffers, self.buffers)
+        return BlockRecord(rec.out, inputs, None, rng=rng, rec=rec), None
+
+    def _at_logits(self):
+        estimates = self._estimates()
+        if self.record is not None:
+            self.record.update(blocks=self.blocks, estimates=estimates)
+
+    def _estimates(self) -> list[dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def _done(self, j: int, est: dict[str, Tensor]) -> None:
+        """Block ``j``'s estimate is its gradient; its record and head gradient are no longer needed."""
+        b = self.blocks[j]
+        self._save(f"blocks.{j}", self.space.gradients(self, j, est), self.grads)
+        b.rec = b.g = None
+        b.inputs = ()
+
+
+class PerSampleReference(_PerSample):
+    """The per-sample weight space from pull-backs, as the official code: per block ``j = J-2..0``, the
+    target's cotangent at its output (the global loss's, chained back through the blocks above by the
+    records' pull-backs to their inputs; the head's; or block ``j+1``'s head loss pulled back through
+    block ``j+1``), then :func:`fwdtrans._persample.project`: two pull-backs through the block."""
+
+    chained = True  # the last block's pull-back reaches its input
+
+    def _wrt_inputs(self, j):
+        return self.method.target != "local" and j > 0
+
+    def _estimates(self):
+        grads, *rest = cast(Callable, self.blocks[-1].pull)(self.grad_logits)  # the last block: exact, and chained
+        self._save(f"blocks.{self.last}", grads, self.grads)
+        self.blocks[-1].pull = None
+        below = rest[0] if rest else None  # the target's cotangent at the output of the block being projected
+        target = self.method.target
+        estimates: list[dict[str, Tensor]] = [{} for _ in range(self.last)]
+        for j in range(self.last - 1, -1, -1):
+            b = self.blocks[j]
+            rec, g = cast(_persample.PerSampleRecord, b.rec), cast(Tensor, b.g)
+            cotangent = g if target == "local" else below
+            if target == "intermediate" and j > 0:  # block j-1's target: this head's loss, through this block
+                below = _persample.pull_inputs(rec, g)[0]
+            batch: dict[str, dict[str, Tensor]] | None = {} if self.record is not None else None
+            est, inputs_cot = _persample.project(rec, cast(Tensor, cotangent), g, noise=b.directions, batch=batch)
+            if target == "global":
+                below = inputs_cot[0] if inputs_cot else None
+            if batch is not None:  # for check: the target's and the guess's batch gradients
+                names = list(rec.params)
+                b.target = [batch["target"][n] for n in names]
+                b.directions = [batch["guess"][n][None] for n in names]
+            self._done(j, est)
+            estimates[j] = est
+        return estimates
+
+
+class PerSampleForward(_PerSample):
+    """The per-sample weight space by forward-mode AD: per block, one tangent stream per sample and parameter
+    tensor (sample ``n``'s share of the guess, injected at the outputs of the layers using the parameter, at
+    sample ``n`` only), pushed in chunks through the rest of the block and on to the target, where it is
+    contracted with the target's cotangent (:func:`fwdtrans._persample.forward_project`). Each chunk runs the
+    block and those it crosses again (dropout replayed). No pull-back of the target crosses a block."""
+
+    def _estimates(self):
+        self._train(self.last, self.grad_logits)  # the last block: the exact gradient of the global loss
+        estimates = []
+        for j in range(self.last):  # ascending: block j+1's head gradient is block j's intermediate target
+            b, end = self.blocks[j], self._end(j)
+            read = functools.partial(self._read, j, end, self._cotangent(end))
+            est = _persample.forward_project(cast(_persample.PerSampleRecord, b.rec), b.g, b.directions, read,
+                                             rng=b.rng)
+            self._done(j, est)
+            estimates.append(est)
+        return estimates
+
+    def _read(self, j: int, end: int, cotangent: Tensor, tangents: Tensor) -> Tensor:
+        """Push tangents ``(S, *out)`` at block ``j``'s output to block ``end``'s and contract them there."""
+        h = self.blocks[j].out
+        for k in range(j + 1, end + 1):
+            with replaying(self.blocks[k].rng):
+                h, tangents, _ = push(self.plan.blocks[k], h, tangents, self.states[k])
+        return _contract(tangents, cotangent, False)
+
+
+_SWEEPS: dict[str | tuple[str, str], type[_Sweep]] = {
+    "backprop": Backprop, "local": LocalLearning, "forward": Forward, "reference": Reference,
+    ("sample", "forward"): PerSampleForward, ("sample", "reference"): PerSampleReference}

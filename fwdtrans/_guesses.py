@@ -43,6 +43,11 @@ class Guess:
         """Directions ``(k, *p)`` per trained parameter of the block; ``head_grads()`` gives ``dl/dtheta``."""
         raise NotImplementedError
 
+    def at_samples(self, noise: list[Tensor]) -> list[Tensor] | None:
+        """Per-sample weight space: the per-sample directions ``(B, *p)`` per trained parameter (noise), or
+        ``None`` when they are the per-sample shares of the head loss's parameter gradient (head guesses)."""
+        raise NotImplementedError
+
 
 class HeadGuess(Guess):
     """``"local"`` and ``"fixed-ntk"``: the gradient of the block's head loss."""
@@ -52,6 +57,9 @@ class HeadGuess(Guess):
 
     def at_params(self, head_grads, noise):
         return [gp[None] for gp in head_grads()]
+
+    def at_samples(self, noise):
+        return None
 
 
 class RedrawnHeadGuess(HeadGuess):
@@ -77,6 +85,9 @@ class NoiseGuess(Guess):
         return noise[0]
 
     def at_params(self, head_grads, noise):
+        return noise
+
+    def at_samples(self, noise):
         return noise
 
 

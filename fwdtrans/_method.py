@@ -24,7 +24,7 @@ Target = Literal["global", "local", "intermediate"]
 GuessName = Literal["local", "ntk", "fixed-ntk", "gaussian", "rademacher", "global"]
 GuessOption = GuessName | Callable[[int, Tensor, Tensor], Tensor]  # a name, or guess(j, h, y) -> direction like h
 SpaceName = Literal["activity", "weight", "span"]
-Granularity = Literal["tensor", "block", "joint"]
+Granularity = Literal["tensor", "block", "joint", "sample"]
 PerSample = Literal["by-loss", "exact"]
 Aggregation = Literal["mean", "project"]
 Engine = Literal["forward", "reference"]
@@ -61,7 +61,9 @@ class Method:
             or ``"span"`` (each sample's target projected on the span of the batch's guesses;
             Table 6).
         granularity: weight space only: one projection per parameter ``"tensor"`` (the paper's
-            appendix A.3), per ``"block"``, or one ``"joint"`` scalar for all blocks (LocalFG).
+            appendix A.3), per ``"block"``, one ``"joint"`` scalar for all blocks (LocalFG), or one per
+            ``"sample"`` and parameter tensor, summed over the batch (the official code's default
+            ``--space weight``; best with ``engine="reference"``).
         tangents: guesses per block (``k``); noise guesses only.
         aggregation: how ``k`` projections combine: ``"mean"`` of the ``k`` estimates or the
             orthogonal ``"project"``-ion onto their span.
@@ -213,5 +215,4 @@ class Method:
         if streams > MANY_STREAMS:
             warnings.warn(
                 f"{self.describe()} propagates {streams} tangent streams per step (each costs about one block "
-                "forward per block it crosses). Consider granularity='block' or 'joint', fewer tangents, or "
-                "per_sample='by-loss'.", stacklevel=3)
+                f"forward per block it crosses). Consider {space_for(self).cheaper}.", stacklevel=3)

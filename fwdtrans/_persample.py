@@ -80,8 +80,19 @@ them within a quarter of what the block holds when its projection starts (every 
 input and output gradients for the whole batch); ``chunk=`` overrides. :func:`project` releases the
 record's pull-back as soon as it has pulled, and each layer's tensors once its parameters are done.
 
-Engine integration: see :func:`record` and :func:`project` (and ``pull_inputs`` for intermediate
-targets); :func:`per_sample_projection` is the two in one call.
+**Forward mode.** :func:`forward_project` gives the same estimates with ``<t_n, g_n>`` from forward-mode
+AD: sample ``n``'s share is the gradient with respect to a copy of the parameter only sample ``n`` uses, so
+``<t_n, g_n>`` is the target's derivative along a tangent injected at the output of each layer using the
+parameter (the layer's response to the weight ``g_n`` on sample ``n``'s input, zero at the other samples;
+:meth:`_Context.site_tangent`), pushed through the rest of the block by the rewritten graph under
+``vmap(jvp)`` with respect to those layers' deltas, and on to the target by the caller. One stream per
+sample and parameter tensor, in chunks.
+
+Engine integration (``space="weight", granularity="sample"``): ``_engine.PerSampleReference`` records
+every block but the last with :func:`record` and, walking back from the logits, projects each with
+:func:`project` (``pull_inputs`` for intermediate targets); ``_engine.PerSampleForward`` uses
+:func:`forward_project`. :func:`prepare` and :func:`warm` build, eagerly, what a compiled step needs.
+:func:`per_sample_projection` is :func:`record` and :func:`project` in one call.
 """
 
 from __future__ import annotations
@@ -96,13 +107,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import functional_call, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ._blocks import norm_affine, replaying
 from ._errors import FwdTransError
 
-__all__ = ["PATHS", "PerSampleRecord", "choices", "per_sample_projection", "prepare", "project", "pull_inputs",
-           "record"]
+__all__ = ["PATHS", "PerSampleRecord", "choices", "forward_project", "per_sample_projection", "prepare", "project",
+           "pull_inputs", "record", "warm"]
 
 PATHS = ("auto", "ghost", "materialise", "fallback")
 
@@ -160,11 +172,13 @@ class _Site:
 @dataclass
 class _Plan:
     gm: fx.GraphModule  # forward(deltas, *inputs) -> (out, records): records[i] the recorded inputs of site i
-    shapes_gm: fx.GraphModule  # forward(*inputs) -> the sites' outputs (for the deltas' shapes)
+    shapes_gm: fx.GraphModule  # forward(*inputs) -> (the sites' outputs, the block's output), for their shapes
     sites: list[_Site]
     uses: dict[str, list[tuple[int, str]]]  # trained name -> [(site index, local name)]
     graph: weakref.ref  # the block's graph it was built from (weakly: a graph refers to its module)
-    shapes: dict[tuple, list[tuple[torch.Size, torch.dtype]]] = field(default_factory=dict)  # per input signature
+    # per input signature: each site's output shape and dtype, and the block output's (None: not one tensor)
+    shapes: dict[tuple, tuple[list[tuple[torch.Size, torch.dtype]], tuple[torch.Size, torch.dtype] | None]] = \
+        field(default_factory=dict)
 
 
 # plans per block: id(block) -> {sorted trained names: plan}; a plain dict (torch.compile traces lookups in it,
@@ -225,10 +239,11 @@ def _build(block: fx.GraphModule, trained: frozenset[str]) -> _Plan:
     sites: list[_Site] = []
     records: list[tuple[fx.Node, ...]] = []
     site_outputs: list[fx.Node] = []
-    out = None
+    out = sout = None
     for node in graph.nodes:
         if node.op == "output":
             out = fx.node.map_arg(node.args[0], lambda n: env[n])
+            sout = fx.node.map_arg(node.args[0], lambda n: senv[n])
             continue
         new = main.node_copy(node, lambda n: env[n])
         snew = shapes.node_copy(node, lambda n: senv[n])
@@ -242,7 +257,7 @@ def _build(block: fx.GraphModule, trained: frozenset[str]) -> _Plan:
         site_outputs.append(snew)
         sites.append(site)
     main.output((out, tuple(records)))
-    shapes.output(tuple(site_outputs))
+    shapes.output((tuple(site_outputs), sout))
     uses: dict[str, list[tuple[int, str]]] = {}
     for i, s in enumerate(sites):
         for local, full in s.roles.items():
@@ -295,15 +310,17 @@ def _method(name: str) -> Callable[..., Any]:
 
 
 def _site_shapes(plan: _Plan, block: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-                 inputs: tuple[Tensor, ...]) -> list[tuple[torch.Size, torch.dtype]]:
-    """The output shape and dtype of every site, by a run on the meta device (cached per input signature)."""
+                 inputs: tuple[Tensor, ...]
+                 ) -> tuple[list[tuple[torch.Size, torch.dtype]], tuple[torch.Size, torch.dtype] | None]:
+    """The output shape and dtype of every site, and of the block (``None`` unless one tensor), by a run on
+    the meta device (cached per input signature)."""
     leaves, spec = tree_flatten(inputs)
     key = (str(spec), *((tuple(x.shape), x.dtype, x.device) if isinstance(x, Tensor) else repr(x) for x in leaves))
     if key not in plan.shapes:
         allp = {**dict(block.named_parameters()), **params}
         allb = {**dict(block.named_buffers()), **buffers}
 
-        def run(to: str | None) -> tuple[Tensor, ...]:
+        def run(to: str | None) -> tuple[tuple[Tensor, ...], Any]:
             p = {k: v.to(to) if to is not None else v for k, v in allp.items()}
             b = {k: v.to(to) if to is not None else v.clone() for k, v in allb.items()}
             x = tree_map(lambda v: v.to(to) if isinstance(v, Tensor) and to is not None else v, inputs)
@@ -311,14 +328,30 @@ def _site_shapes(plan: _Plan, block: nn.Module, params: Mapping[str, Tensor], bu
                 return functional_call(plan.shapes_gm, (p, b), x)
 
         if torch.compiler.is_compiling():
-            outs = run(None)  # a cold cache under torch.compile: one real forward (traceable), on cloned buffers
+            outs, out = run(None)  # a cold cache under torch.compile: one real forward (traceable), on cloned buffers
         else:
             try:
-                outs = run("meta")
+                outs, out = run("meta")
             except Exception:  # an op without a meta kernel: one real forward, on cloned buffers
-                outs = run(None)
-        plan.shapes[key] = [(o.shape, o.dtype) for o in outs]
+                outs, out = run(None)
+        plan.shapes[key] = ([(o.shape, o.dtype) for o in outs],
+                            (out.shape, out.dtype) if isinstance(out, Tensor) else None)
     return plan.shapes[key]
+
+
+def warm(block: fx.GraphModule, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
+         inputs: tuple[Tensor, ...]) -> Tensor | None:
+    """:func:`prepare`, and the deltas' shapes cached for these inputs, eagerly and without a forward on
+    real data (a run on the meta device). Returns an uninitialised tensor shaped like the block's output
+    (``None`` unless it is one tensor), the next block's inputs for warming it: called for every block
+    before a compiled step, so that the compiled graph neither runs a block for its shapes nor is
+    recompiled once the cache fills."""
+    plan = _plan(block, params)
+    out = _site_shapes(plan, block, params, buffers, inputs)[1]
+    like = next((x for x in tree_flatten(inputs)[0] if isinstance(x, Tensor)), None)
+    if out is None or like is None:
+        return None
+    return torch.empty(out[0], dtype=out[1], device=like.device)
 
 
 # ----------------------------------------------------------------------------- record and project
@@ -335,6 +368,8 @@ class PerSampleRecord:
     records: tuple | None  # per site, its recorded inputs; None once projected
     batch: int
     wrt_inputs: bool
+    inputs: tuple = ()  # the block's inputs (the forward engine runs the block again to inject tangents)
+    shapes: list[tuple[torch.Size, torch.dtype]] = field(default_factory=list)  # per site: its output's
 
 
 def record(block: fx.GraphModule, params: dict[str, Tensor], buffers: dict[str, Tensor],
@@ -353,7 +388,7 @@ def record(block: fx.GraphModule, params: dict[str, Tensor], buffers: dict[str, 
         raise FwdTransError("per-sample projection: the block's inputs hold no tensor (the batch size is read "
                             "from the first one)")
     plan = _plan(block, params)
-    shapes = _site_shapes(plan, block, params, buffers, inputs)
+    shapes = _site_shapes(plan, block, params, buffers, inputs)[0]
     deltas = tuple(like.new_zeros((), dtype=dt).expand(shape) for shape, dt in shapes)
 
     def f(d: tuple[Tensor, ...], *x: Tensor) -> tuple[Any, tuple[tuple, dict[str, Tensor]]]:
@@ -367,7 +402,8 @@ def record(block: fx.GraphModule, params: dict[str, Tensor], buffers: dict[str, 
         res = vjp(lambda d: f(d, *inputs), deltas, has_aux=True)
     out, pull, (recs, new) = res
     batch = like.shape[0]
-    return PerSampleRecord(out, new, pull, plan, dict(params), dict(buffers), recs, batch, wrt_inputs)
+    return PerSampleRecord(out, new, pull, plan, dict(params), dict(buffers), recs, batch, wrt_inputs, inputs,
+                           list(shapes))
 
 
 def pull_inputs(rec: PerSampleRecord, cotangent: Tensor) -> tuple[Tensor, ...]:
@@ -404,13 +440,19 @@ def per_sample_projection(block: fx.GraphModule, params: dict[str, Tensor], buff
 
 def project(rec: PerSampleRecord, target_cot: Tensor, guess_cot: Tensor | None,
             noise: dict[str, Tensor] | None = None, eps: float = 1e-16, chunk: int | None = None,
-            path: str = "auto") -> tuple[dict[str, Tensor], tuple[Tensor, ...] | None]:
+            path: str = "auto", batch: dict[str, dict[str, Tensor]] | None = None
+            ) -> tuple[dict[str, Tensor], tuple[Tensor, ...] | None]:
     """The estimates of :func:`per_sample_projection` from a :func:`record`; also the target's
     cotangents at the block's inputs if the record was made ``wrt_inputs`` (else ``None``).
 
     A record is projected once: its pull-back and recorded inputs are released on the way (each
     layer's as soon as its parameters are estimated), so that the block's memory goes as the
     estimates are formed.
+
+    ``batch``, when given, receives every parameter's batch gradient of the target
+    (``batch["target"]``, ``sum_n t_n``) and of the guess (``batch["guess"]``: ``sum_n g_n``, or the
+    noise summed over the samples), for ``fwdtrans.check``: one more weight-gradient contraction per
+    layer (Linear and Conv weights; the other shares are small and summed).
     """
     if path not in PATHS:
         raise FwdTransError(f"path={path!r}: expected one of {PATHS}")
@@ -432,7 +474,6 @@ def project(rec: PerSampleRecord, target_cot: Tensor, guess_cot: Tensor | None,
     ctx = _Context(rec, grads, eps, chunk, path)
     rec.records = None
     est = {name: torch.zeros_like(p) for name, p in rec.params.items()}
-    pending = [len(site.roles) for site in rec.plan.sites]  # parameters still to estimate, per site
     for name, uses in rec.plan.uses.items():
         if name in ctx.done:
             continue
@@ -450,12 +491,94 @@ def project(rec: PerSampleRecord, target_cot: Tensor, guess_cot: Tensor | None,
             est[name] = ctx.materialised(name, uses)
             names = [name]
         for n in names:
+            if batch is not None:
+                batch.setdefault("target", {})[n] = ctx.batch_gradient(n, 0)
+                batch.setdefault("guess", {})[n] = ctx.batch_gradient(n, 1) if noise is None else noise[n].sum(0)
             ctx.done.add(n)
-            for i, _ in rec.plan.uses[n]:
-                pending[i] -= 1
-                if not pending[i]:
-                    ctx.release(i)
+            ctx.finished(n)
+    if batch is not None:  # a trained parameter no node uses: zero gradients
+        for name, p in rec.params.items():
+            for key in ("target", "guess"):
+                batch.setdefault(key, {}).setdefault(name, torch.zeros_like(p))
     return est, (inputs_cot if rec.wrt_inputs else None)
+
+
+def forward_project(rec: PerSampleRecord, guess_cot: Tensor | None, noise: dict[str, Tensor] | None,
+                    read: Callable[[Tensor], Tensor], eps: float = 1e-16, chunk: int | None = None,
+                    path: str = "auto", rng: list[Tensor] | None = None) -> dict[str, Tensor]:
+    """The estimates of :func:`project`, with ``<t_n, g_n>`` from forward-mode AD instead of the
+    target's pull-back (the forward engine): no target cotangent is pulled through the block.
+
+    Sample ``n``'s share of a parameter's gradient is the gradient with respect to a copy of the
+    parameter that only sample ``n`` uses, so ``<t_n, g_n>`` is the target's derivative along a
+    perturbation of that copy by ``g_n``: a tangent injected at the output of every layer using the
+    parameter, equal to the layer's response to the weight ``g_n`` on sample ``n``'s input (zero at the
+    other samples), and pushed forward from there (through the coupling of train-mode BatchNorm) to the
+    target. One *stream* per sample and parameter tensor, ``B`` times the block's trained tensors in all,
+    pushed in chunks of ``chunk`` streams (default: as many as keep their tangents at the layers' outputs
+    within 8 times what the block records for the whole batch); each chunk runs the block once more, under
+    ``vmap(jvp)``. For each chunk ``read`` takes the tangents at the block output ``(S, *out)`` (the caller
+    pushes them on to the target and contracts them with its cotangent) and returns the ``S`` directional
+    derivatives. ``rng`` is the random state the block's forward started from: the block must draw the same
+    dropout masks in every run.
+    """
+    if path not in PATHS:
+        raise FwdTransError(f"path={path!r}: expected one of {PATHS}")
+    if noise is None and guess_cot is None:
+        raise FwdTransError("per-sample projection: give guess_cot (a guess loss's cotangent) or noise")
+    if rec.pull is None:
+        raise FwdTransError("per-sample projection: this record was already projected (a record is projected once)")
+    sites = rec.plan.sites
+    grads: list[tuple[Tensor, ...]] = ([(gg,) for gg in rec.pull(guess_cot)[0]] if noise is None
+                                       else [() for _ in sites])
+    rec.pull = None
+    ctx = _Context(rec, grads, eps, None, path)
+    rec.records = None
+    est = {name: torch.zeros_like(p) for name, p in rec.params.items()}
+    names, b = list(rec.plan.uses), rec.batch
+    for name in names if noise is not None else ():
+        if name not in noise:
+            raise FwdTransError(f"noise has no draw for the trained parameter {name!r}: pass one (B, *p) "
+                                "tensor per trained parameter")
+        if noise[name].shape != (b, *rec.params[name].shape):
+            raise FwdTransError(f"noise[{name!r}] has shape {tuple(noise[name].shape)}; expected "
+                                f"{(b, *rec.params[name].shape)}")
+    per_stream = sum(math.prod(shape) for shape, _ in rec.shapes) or 1  # a stream's tangents at the layers
+    size = max(1, min(b * len(names), chunk if chunk is not None else 8 * ctx._budget // per_stream))
+    streams = [(name, n) for name in names for n in range(b)]  # (parameter, sample), in chunks of ``size``
+    for first in range(0, len(streams), size):
+        pieces: list[tuple[str, slice, int]] = []  # (parameter, its samples, the first one's row in the chunk)
+        for row, (name, n) in enumerate(streams[first:first + size]):
+            if pieces and pieces[-1][0] == name:
+                pieces[-1] = (name, slice(pieces[-1][1].start, n + 1), pieces[-1][2])
+            else:
+                pieces.append((name, slice(n, n + 1), row))
+        count = min(size, len(streams) - first)
+        tangents: dict[int, Tensor] = {}  # per site: (count, B, *out_i), stream r at its sample only
+        directions = []
+        for name, sl, row in pieces:
+            uses = rec.plan.uses[name]
+            if noise is None:
+                parts = [ctx.share(i, local, sl, ctx.grads[i][0]) for i, local in uses]
+                g = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+            else:
+                g = noise[name][sl]
+            directions.append(g)
+            index = torch.arange(sl.stop - sl.start, device=g.device)
+            for i, local in uses:
+                t = ctx.site_tangent(i, local, sl, g)
+                if i not in tangents:
+                    tangents[i] = t.new_zeros(count, *rec.shapes[i][0])
+                tangents[i].index_put_((index + row, index + sl.start), t, accumulate=True)
+        d = read(ctx.push(tangents, rng))
+        for (name, sl, row), g in zip(pieces, directions, strict=True):
+            gf = g.flatten(1)
+            coeff = d[row:row + gf.shape[0]] / (torch.linalg.vector_norm(gf, dim=1).square() + eps)
+            est[name] += (coeff @ gf).view_as(est[name])
+            if sl.stop == b:  # the parameter's last stream
+                ctx.done.add(name)
+                ctx.finished(name)
+    return est
 
 
 def choices(rec: PerSampleRecord, path: str = "auto") -> list[dict]:
@@ -496,12 +619,21 @@ class _Context:
         self.records: list[tuple] = list(rec.records)
         self.sites = rec.plan.sites
         self.done: set[str] = set()
+        self._pending = [len(site.roles) for site in self.sites]  # parameters still to estimate, per site
+        self._checked: set[int] = set()  # fallback sites checked not to mix samples
         self._xhat: dict[int, Tensor] = {}
         self._conv_in: dict[int, tuple[Tensor, list[int]]] = {}
         # what the block holds for the whole batch: every layer's recorded inputs and output gradients
         self._budget = 0
         for tensors in (*self.records, *self.grads):
             self._budget += sum(int(t.numel()) for t in tensors if isinstance(t, Tensor))
+
+    def finished(self, name: str) -> None:
+        """``name`` is estimated: release the sites whose parameters are all done."""
+        for i, _ in self.rec.plan.uses[name]:
+            self._pending[i] -= 1
+            if not self._pending[i]:
+                self.release(i)
 
     def release(self, i: int) -> None:
         """Site ``i`` is done: drop its output gradients, recorded inputs and caches."""
@@ -552,6 +684,95 @@ class _Context:
         else:
             c = max(1, min(b, self._budget // 4 // max(1, per_sample)))
         return [slice(a, min(a + c, b)) for a in range(0, b, c)]
+
+    # -- the forward engine: per-sample directions as tangents at the layers' outputs
+    def share(self, i: int, local: str, sl: slice, g: Tensor) -> Tensor:
+        """``(c, *p)``: site ``i``'s shares of its parameter ``local`` for samples ``sl`` of one output gradient."""
+        if self.path == "fallback":
+            return self._fallback_shares(i, sl, (g,))[local][0]
+        return self.shares(i, local, sl, (g,))[0]
+
+    def site_tangent(self, i: int, local: str, sl: slice, v: Tensor) -> Tensor:
+        """``(c, *out_i)``: site ``i``'s response to its parameter ``local`` moved by ``v_n`` (``(c, *p)``), on
+        each sample ``n`` of ``sl`` alone: the derivative of the layer's output at sample ``n`` along ``v_n``."""
+        s = self.sites[i]
+        c = v.shape[0]
+        out = (c, *self.rec.shapes[i][0][1:])
+        if self.path != "fallback" and s.kind == "linear":
+            if local == "bias":
+                return v.view(c, *([1] * (len(out) - 2)), v.shape[-1]).expand(out)
+            x = _flat_positions(self._x(i)[sl])  # (c, T, K)
+            return torch.bmm(x, v.transpose(1, 2)).view(out)
+        if self.path != "fallback" and s.kind == "conv":
+            if local == "bias":
+                return v.view(c, v.shape[1], *([1] * (len(out) - 2))).expand(out)
+            m = s.module
+            x, pads = self._conv_input(i)
+            y = torch.ops.aten.convolution(x[sl].reshape(1, c * m.in_channels, *x.shape[2:]),
+                                           v.reshape(c * m.out_channels, *v.shape[2:]), None, list(m.stride), pads,
+                                           list(m.dilation), False, [0] * (x.dim() - 2), c * m.groups)
+            return y.view(out)
+        if self.path != "fallback" and s.kind in ("batchnorm", "groupnorm"):
+            v = v.view(c, v.shape[1], *([1] * (len(out) - 2)))
+            return v.expand(out) if local == "bias" else v * self._norm_xhat(i)[sl]
+        if self.path != "fallback" and s.kind == "layernorm":
+            shape = s.module.normalized_shape
+            v = v.view(c, *([1] * (len(out) - 1 - len(shape))), *shape)
+            return v.expand(out) if local == "bias" else v * self._norm_xhat(i)[sl]
+        # any other node (checked not to mix samples): its own jvp, one sample at a time
+        pvals, dims, part = self._fallback_args(i, sl)
+
+        def one(vn: Tensor, *r: Tensor) -> Tensor:
+            r = tuple(x[None] if d == 0 else x for x, d in zip(r, dims, strict=True))
+            return jvp(lambda p: self._site_call(i, {**pvals, local: p}, r), (pvals[local],), (vn,))[1][0]
+
+        return vmap(one, in_dims=(0, *dims))(v, *part)
+
+    def push(self, tangents: dict[int, Tensor], rng: list[Tensor] | None) -> Tensor:
+        """``(S, *out)``: the block output's tangents of ``S`` streams given by their tangents ``(S, *out_i)`` at the
+        outputs of sites ``i`` (other sites: zero): one run of the rewritten block under ``vmap(jvp)`` with
+        respect to those sites' deltas."""
+        rec = self.rec
+        first = next(iter(tangents.values()))
+        streams = list(tangents.values())
+        index = list(tangents)
+        zeros = [first.new_zeros((), dtype=dt).expand(shape) for shape, dt in rec.shapes]
+        params = {**dict(rec.plan.gm.named_parameters()), **rec.params}
+        # under torch.compile the norms' affine parameters join the primals (pytorch/pytorch#139756, see _blocks.push)
+        dual = {k: params[k] for k in norm_affine(rec.plan.gm) if k in params} if torch.compiler.is_compiling() else {}
+        dual_zeros = {k: torch.zeros_like(v) for k, v in dual.items()}
+
+        def f(d: tuple[Tensor, ...], p: dict[str, Tensor]) -> Tensor:
+            deltas = list(zeros)
+            for k, dk in zip(index, d, strict=True):
+                deltas[k] = dk
+            fresh = {k: v.clone() for k, v in rec.old_buffers.items()}
+            return functional_call(rec.plan.gm, ({**params, **p}, fresh), (tuple(deltas), *rec.inputs))[0]
+
+        primal = tuple(torch.zeros(zeros[k].shape, dtype=zeros[k].dtype, device=zeros[k].device) for k in index)
+        with replaying(rng):
+            return vmap(lambda *t: jvp(f, (primal, dual), (t, dual_zeros))[1], randomness="same")(*streams)
+
+    def batch_gradient(self, name: str, which: int) -> Tensor:
+        """``sum_n`` of the shares of ``name`` from output gradient ``which`` (0: the target, 1: the guess), i.e.
+        the ordinary batch gradient: one weight-gradient contraction for a Linear/Conv weight."""
+        p = self.rec.params[name]
+        total = torch.zeros_like(p)
+        for i, local in self.rec.plan.uses[name]:
+            s, g = self.sites[i], self.grads[i][which]
+            if self.path != "fallback" and s.kind == "linear" and local == "weight":
+                x = self._x(i)
+                total += torch.mm(g.reshape(-1, g.shape[-1]).T, x.reshape(-1, x.shape[-1])).view_as(p)
+            elif self.path != "fallback" and s.kind == "conv" and local == "weight":
+                m = s.module
+                x, pads = self._conv_input(i)
+                total += torch.ops.aten.convolution_backward(
+                    g, x, p, None, list(m.stride), pads, list(m.dilation), False, [0] * (x.dim() - 2), m.groups,
+                    [False, True, False])[1]
+            else:
+                for sl in self._slices(i, 2 * p.numel()):
+                    total += self.share(i, local, sl, g).sum(0)
+        return total
 
     # -- convolution geometry
     def _conv_input(self, i: int) -> tuple[Tensor, list[int]]:
@@ -662,10 +883,10 @@ class _Context:
             call_args = fx.node.map_arg(s.args, lambda _: next(it))
         return functional_call(m, (local_p, local_b), tuple(call_args[0]), dict(call_args[1]))
 
-    def _fallback_shares(self, i: int, sl: slice, grads: tuple[Tensor, ...]) -> dict[str, Tensor]:
-        """Shares ``(S, c, *p)`` of every parameter of site ``i`` for samples ``sl``, per gradient given."""
+    def _fallback_args(self, i: int, sl: slice) -> tuple[dict[str, Tensor], tuple[int | None, ...], tuple]:
+        """Site ``i``'s parameters by local name, which recorded inputs are batched, and those of samples ``sl``;
+        the site is checked (once, eagerly) not to mix the samples."""
         s = self.sites[i]
-        gs = torch.stack([g[sl] for g in grads])
         recs = self.records[i]
         batch = self.rec.batch
         pvals = {loc: self.rec.params[full] for loc, full in s.roles.items()}
@@ -675,8 +896,15 @@ class _Context:
                                 f"{sorted(s.roles.values())} but none of its inputs is batched; no per-sample "
                                 "share exists. Fix: freeze them, or use another weight-space granularity.")
         part = tuple(r[sl] if d == 0 else r for r, d in zip(recs, dims, strict=True))
-        if not torch.compiler.is_compiling() and sl.start == 0:
+        if not torch.compiler.is_compiling() and i not in self._checked:
             self._check_per_sample(i, pvals, recs, dims)
+            self._checked.add(i)
+        return pvals, dims, part
+
+    def _fallback_shares(self, i: int, sl: slice, grads: tuple[Tensor, ...]) -> dict[str, Tensor]:
+        """Shares ``(S, c, *p)`` of every parameter of site ``i`` for samples ``sl``, per gradient given."""
+        gs = torch.stack([g[sl] for g in grads])
+        pvals, dims, part = self._fallback_args(i, sl)
 
         def one(g: Tensor, *r: Tensor) -> dict[str, Tensor]:
             r = tuple(x[None] if d == 0 else x for x, d in zip(r, dims, strict=True))

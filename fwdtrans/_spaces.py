@@ -12,7 +12,10 @@ the engine, ``check`` and ``Method.stream_count`` ask that depends on it:
   projection unit, and the block's parameter gradients from it;
 * :meth:`Space.alignment`: estimate, target and guess side by side, for ``check``;
 * :meth:`Space.problems`: the methods it cannot compute (``Method`` reports them with its own);
-* and, as attributes, how the engine treats it (read per sample, pulled back, block run twice, ...).
+* :meth:`Space.rerun` and :meth:`Space.warm`: the blocks a step runs twice (dropout replayed), and what a
+  compiled step needs done eagerly first;
+* and, as attributes, how the engine treats it (read per sample, pulled back, block run twice, sweeps of
+  its own, ...).
 
 Adding a space: a :class:`Space` subclass and one entry in :data:`SPACES`, keyed by the ``space=`` name
 or, for a granularity with an estimator of its own, by ``(space, granularity)``; the option's name goes
@@ -27,7 +30,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor
 
-from . import _projection
+from . import _persample, _projection
 from ._blocks import push_params
 
 if TYPE_CHECKING:
@@ -35,7 +38,7 @@ if TYPE_CHECKING:
     from ._method import Method
     from ._plan import Plan
 
-__all__ = ["SPACES", "Activity", "Space", "Span", "Weight", "space_class", "space_for"]
+__all__ = ["SPACES", "Activity", "PerSampleWeight", "Space", "Span", "Weight", "space_class", "space_for"]
 
 Estimate = Any  # a tensor shaped like the block output (activity, span), or one tensor per parameter (weight)
 
@@ -47,6 +50,8 @@ class Space:
     pulls_back = True  # the estimate is pulled back through the block (else it is the parameters' gradient)
     param_tangents = False  # the forward engine pushes parameter directions through the block, running it again
     multi_tensor = True  # gives each tensor crossing a multi-tensor cut a guess of its own
+    sweeps: str | None = None  # a space with sweeps of its own: the engine's ``_SWEEPS[(sweeps, engine)]``
+    cheaper = "granularity='block' or 'joint', fewer tangents, or per_sample='by-loss'"  # convert's cost warning
 
     def __init__(self, method: Method):
         self.method = method
@@ -64,6 +69,14 @@ class Space:
     def streams_at(self, batch: int, tensors: int, crossing: int) -> int:
         """Streams opened at one block with ``tensors`` parameter tensors and ``crossing`` tensors at its cut."""
         raise NotImplementedError
+
+    def rerun(self, plan: Plan) -> tuple[int, ...]:
+        """The blocks whose forward the step runs a second time: their random state is noted before the
+        sweep runs them, to replay their dropout masks (which a compiled step cannot do)."""
+        return tuple(range(len(plan.blocks) - 1)) if self.reruns_block else ()
+
+    def warm(self, plan: Plan, inputs: tuple) -> None:
+        """Eager work a compiled step needs done before it runs (``inputs``: the step's)."""
 
     def noise_shapes(self, plan: Plan, j: int, batch: int) -> list[tuple[int, ...]]:
         """The shapes of block ``j``'s noise guesses, drawn before the step."""
@@ -270,18 +283,89 @@ class Weight(Space):
         return dict(zip(sweep.states[j][0], estimate, strict=True))
 
     def alignment(self, b, estimate, segments):
-        if not b.target:
-            return None
-        target = torch.cat([t.reshape(-1) for t in b.target])
-        # a tensor whose target is round-off next to the block's (a bias before BatchNorm) has no direction
-        floor = torch.finfo(target.dtype).eps ** 0.5 * float(target.norm())
-        pairs = [(t, v[0]) for t, v in zip(b.target, b.directions, strict=True) if float(t.norm()) > floor]
-        return target, torch.cat([e.reshape(-1) for e in estimate]), pairs
+        return _weight_alignment(b.target, b.directions, estimate)
+
+
+def _weight_alignment(targets: list[Tensor] | None, guesses: list[Tensor], estimate: Sequence[Tensor]
+                      ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]] | None:
+    """Weight space's ``alignment``: per parameter tensor the target, the estimate and the guess ``(1, *p)``."""
+    if not targets:
+        return None
+    target = torch.cat([t.reshape(-1) for t in targets])
+    # a tensor whose target is round-off next to the block's (a bias before BatchNorm) has no direction
+    floor = torch.finfo(target.dtype).eps ** 0.5 * float(target.norm())
+    pairs = [(t, v[0]) for t, v in zip(targets, guesses, strict=True) if float(t.norm()) > floor]
+    return target, torch.cat([e.reshape(-1) for e in estimate]), pairs
+
+
+class PerSampleWeight(Space):
+    """``space="weight", granularity="sample"``: the official code's default weight space. Per sample ``n`` and
+    parameter tensor, sample ``n``'s share ``t_n`` of the target's batch gradient projected on its share ``g_n``
+    of the guess's (or on a per-sample noise draw ``v_n``), summed over the batch:
+    ``sum_n <t_n, g_n> / (|g_n|^2 + eps) g_n`` (:mod:`fwdtrans._persample`).
+
+    Its sweeps are the engine's own (``_engine.PerSampleReference``, ``_engine.PerSampleForward``): every block
+    but the last runs through ``_persample.record``, and each block's estimate is formed at once from its
+    target's and its guess's cotangents at the block output (reference engine: two pull-backs through the
+    block; forward engine: one tangent stream per sample and parameter tensor, in chunks). So this class
+    holds no streams, values or estimate of its own: only the guess, the gradients, ``check``'s alignment
+    and the rules.
+    """
+
+    pulls_back, param_tangents = False, True
+    sweeps = "sample"
+    cheaper = "engine='reference' (the same estimates from two pull-backs per block)"
+
+    @staticmethod
+    def problems(method):
+        out = []
+        if method.streams == "sequential":
+            out.append("granularity='sample' pushes every block's streams on their own after the sweep already: "
+                       "use streams='per-block'")
+        if method.tangents > 1 and method.guess in ("gaussian", "rademacher"):
+            out.append(f"tangents={method.tangents}: granularity='sample' draws one direction per sample and "
+                       "parameter tensor; use tangents=1")
+        return out
+
+    def streams_at(self, batch, tensors, crossing):
+        return batch * tensors
+
+    def noise_shapes(self, plan, j, batch):
+        return [(batch, *p.shape) for p in plan.blocks[j].parameters() if p.requires_grad]
+
+    def guess(self, sweep, j, b):
+        draws = sweep.guess.at_samples(sweep.noise[j])
+        b.directions = None if draws is None else dict(zip(sweep.states[j][0], draws, strict=True))
+        return True
+
+    def gradients(self, sweep, j, estimate):
+        return dict(estimate)
+
+    def alignment(self, b, estimate, segments):
+        return _weight_alignment(b.target, b.directions, list(estimate.values()))
+
+    def rerun(self, plan):
+        if self.method.engine != "forward":  # the reference engine runs every block once
+            return ()
+        last = len(plan.blocks) - 1  # the forward engine runs each block, and those its streams cross, again
+        return tuple(range(last if self.method.target == "local" else last + 1))
+
+    def warm(self, plan, inputs):
+        """The blocks' rewritten graphs, and the shapes of their deltas for this batch (a run on the meta device)."""
+        h: tuple | None = inputs
+        for block in plan.blocks[:-1]:
+            trained = {k: p for k, p in block.named_parameters() if p.requires_grad}
+            if h is None:  # a block output that is not one tensor: the graph only
+                _persample.prepare(block, trained)
+                continue
+            out = _persample.warm(block, trained, dict(block.named_buffers()), h)
+            h = None if out is None else (out,)
 
 
 # The spaces by ``space=`` name; a ``(space, granularity)`` key takes precedence, for a granularity with an
 # estimator of its own (e.g. ``("weight", "sample"): PerSampleWeight``).
-SPACES: dict[str | tuple[str, str], type[Space]] = {"activity": Activity, "weight": Weight, "span": Span}
+SPACES: dict[str | tuple[str, str], type[Space]] = {"activity": Activity, "weight": Weight, "span": Span,
+                                                    ("weight", "sample"): PerSampleWeight}
 
 
 def space_class(method: Method) -> type[Space]:

@@ -245,7 +245,8 @@ def test_the_methods_page_quotes_the_real_error_messages():
             dict(space="weight", guess=lambda j, h, y: h), dict(space="weight", per_sample="exact"),
             dict(streams="joint", target="local", guess="gaussian"), dict(streams="joint", space="span"),
             dict(guess="gaussian", tangents=2, aggregation="project", space="weight", granularity="joint"),
-            dict(recompute=True, space="weight")]
+            dict(recompute=True, space="weight"), dict(space="weight", granularity="sample", streams="sequential"),
+            dict(space="weight", granularity="sample", guess="gaussian", tangents=2)]
     problems = [raised(fwdtrans.Method, **row).split("): ", 1)[1].rstrip(".") for row in rows]
     x = torch.randn(4, 3)
     singular = raised(step, fwdtrans.convert(mlp(), x, blocks=2, heads="linear", space="weight", guess="gaussian",

@@ -25,7 +25,7 @@ def _methods():
                 variants = [{"per_sample": "by-loss"}, {"per_sample": "exact"}, {"streams": "sequential"},
                             {"streams": "joint"}]
             if space == "weight":
-                variants = [{"granularity": g} for g in ("tensor", "block", "joint")]
+                variants = [{"granularity": g} for g in ("tensor", "block", "joint", "sample")]
             if guess in ("gaussian", "rademacher") and space != "span":
                 variants += [{**variants[0], "tangents": 3, "aggregation": a} for a in ("mean", "project")]
             for extra in variants:

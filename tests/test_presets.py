@@ -8,12 +8,13 @@ from fwdtrans._errors import FwdTransError
 from fwdtrans.app._presets import PRESETS, preset
 from fwdtrans.app._studyspec import cells
 
-# runs per preset: rows x the columns they run in x seeds (CIFAR 4 seeds, ImageNet32 1)
-RUNS = {"smoke": 4, "mini": 8, "paper-table2": (1 + 8 * 2) * 4 + (1 + 8 * 2),
-        "paper-table3": (1 + 6 * 2) * 4 + (1 + 6 * 2),
-        "paper-table4": (2 * 3 + 4 * 6) * 4, "paper-table5": 12 * 4 * 4, "paper-table6": 3 * 2 * 4,
-        "paper-table7": (4 + 8 * 8) * 4, "paper-table8": (3 + 8 * 6) * 4, "paper-table9": 2 * (6 + 2 * 12) * 4,
-        "paper-table10": 3 * (3 + 2 * 6) * 4, "paper-table11": 3 * 4 * 4}
+# runs per preset: rows x the columns they run in x seeds (CIFAR 4 seeds, ImageNet32 1); the paper tables' spaces
+# are A, W and W/sample (3 columns where the paper has A and W)
+RUNS = {"smoke": 4, "mini": 8, "paper-table2": (1 + 8 * 3) * 4 + (1 + 8 * 3),
+        "paper-table3": (1 + 6 * 3) * 4 + (1 + 6 * 3),
+        "paper-table4": (2 * 3 + 4 * 9) * 4, "paper-table5": 12 * 6 * 4, "paper-table6": 3 * 2 * 4,
+        "paper-table7": (4 + 8 * 12) * 4, "paper-table8": (3 + 8 * 9) * 4, "paper-table9": 2 * (6 + 2 * 18) * 4,
+        "paper-table10": 3 * (3 + 2 * 9) * 4, "paper-table11": 3 * 6 * 4}
 
 
 def _cell(name, row, column, full=False):
@@ -96,6 +97,28 @@ def test_mini():
 def test_learning_rates_follow_the_paper(name, row, column, lr, step_size):
     config = _cell(name, row, column)
     assert (config.lr, config.step_size) == (lr, step_size)
+
+
+def test_per_sample_weight_columns_sit_beside_the_batch_level_ones():
+    """Every paper table with weight-space columns has a "W/sample" beside each "W": the official code's default
+    weight space, run with the reference engine; the paper's numbers go in the "W" columns only."""
+    for name in sorted(PRESETS):
+        if name in ("mini", "smoke", "paper-table6"):
+            continue
+        spec = preset(name)
+        labels = [c.label for c in spec.columns]
+        weight = [label for label in labels if label.endswith(" W")]
+        assert weight and [f"{label}/sample" for label in weight] == [la for la in labels if la.endswith("W/sample")]
+        for label in weight:
+            assert labels.index(f"{label}/sample") == labels.index(label) + 1
+        assert all(not k.endswith("/sample") for row in spec.rows for k in row.paper)
+        assert "W/sample" in spec.notes and "printed beside the 'W' columns only" in spec.notes
+    config = _cell("paper-table3", "Local, CNN", "C10 W/sample")
+    assert (config.method.space, config.method.granularity, config.method.engine) == ("weight", "sample", "reference")
+    assert config.lr == _cell("paper-table3", "Local, CNN", "C10 W").lr
+    assert _cell("paper-table2", "Rademacher", "IN32 W/sample").lr == 0.005  # A.3's weight-space rule
+    assert {r.label: r for r in preset("paper-table4").rows}["8b Gaussian"].paper.keys() == {
+        "CNN A", "CNN W", "MLP A", "MLP W", "Lin A", "Lin W"}
 
 
 def test_layout_and_numbers():

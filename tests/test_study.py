@@ -90,6 +90,7 @@ def test_auto_engine_follows_the_measured_costs():
     assert auto_engine({"space": "activity", "per_sample": "exact"}) == "reference"
     assert auto_engine({"space": "weight"}) == auto_engine({"space": "span"}) == "reference"
     assert auto_engine({"space": "weight", "granularity": "joint"}) == "forward"
+    assert auto_engine({"space": "weight", "granularity": "sample"}) == "reference"  # B streams per tensor forward
 
 
 def test_table_places_ours_and_the_paper_in_the_right_cells():

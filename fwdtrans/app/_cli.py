@@ -48,7 +48,8 @@ _HELP = {
     "target": "Gradient Target",
     "guess": "Gradient Guess",
     "space": "projection space",
-    "granularity": "weight space: one projection per parameter tensor, per block, or one joint scalar",
+    "granularity": "weight space: one projection per parameter tensor, per block, one joint scalar, or per sample "
+                   "and tensor (the official code's default; best with --engine reference)",
     "tangents": "random guesses per block",
     "aggregation": "how several tangents combine",
     "per_sample": "activity space under train-mode BatchNorm: by-loss, or exact (one stream per sample)",

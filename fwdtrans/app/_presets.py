@@ -4,8 +4,10 @@ Each preset is a :class:`StudySpec` laid out as a table of the paper (Fournier e
 guesses, columns spaces x blocks (x data set or width), with the paper's printed numbers beside the
 cells. All share the paper's training (appendix A.3: ResNet-18 width 64, SGD with momentum 0.9 and
 weight decay 5e-4, batch 128, 100 epochs, lr x0.2 every 30 epochs; ImageNet32: 70 epochs, x0.1
-every 20 or 30) and its per-configuration learning rates, :data:`LR_RULES`. Weight-space columns
-project per parameter tensor over the batch (Eq. 4 with A.3's "weight-wise" projection).
+every 20 or 30) and its per-configuration learning rates, :data:`LR_RULES`. Weight-space "W" columns
+project per parameter tensor over the batch (Eq. 4 with A.3's "weight-wise" projection); each has a
+"W/sample" column beside it, the official code's default weight space (``granularity="sample"``: per
+sample and parameter tensor, summed over the batch). The paper's W numbers sit in the "W" columns.
 
 Example:
     >>> from fwdtrans.app._studyspec import cells
@@ -67,8 +69,11 @@ _HEADS = {"CNN": "cnn", "MLP": "mlp", "Linear": "linear"}
 _GLOBAL = {"E2E": {"guess": "global"},
            **{f"{g}, {n}": {"guess": g.lower(), "heads": h} for g in ("Local", "NTK") for n, h in _HEADS.items()},
            "Gaussian": {"guess": "gaussian"}, "Rademacher": {"guess": "rademacher"}}
-_WEIGHT_NOTE = ("Weight space projects per parameter tensor over the batch (Eq. 4, A.3); the official code's default "
-                "weight path projects per sample; the paper does not say which produced its tables.")
+_WEIGHT_NOTE = ("'W' columns project per parameter tensor over the batch (Eq. 4, A.3: granularity tensor); 'W/sample' "
+                "columns run the official code's default weight path, per sample and parameter tensor, summed over "
+                "the batch (granularity sample, reference engine, the weight space's lrs). The paper does not say "
+                "which of the two produced its tables: its weight-space numbers are printed beside the 'W' columns "
+                "only.")
 
 
 @dataclass(frozen=True)
@@ -80,10 +85,12 @@ class Preset:
     build: Callable[[bool], StudySpec]
 
 
-def _aw(label: str, seeds: tuple[int, ...] | None = None, **settings: Any) -> tuple[Column, Column]:
-    """An activity and a weight column, ``"<label> A"`` and ``"<label> W"``."""
+def _aw(label: str, seeds: tuple[int, ...] | None = None, **settings: Any) -> tuple[Column, Column, Column]:
+    """An activity column and two weight columns, ``"<label> A"``, ``"<label> W"`` (per tensor over the batch,
+    the paper's Eq. 4) and ``"<label> W/sample"`` (per sample and tensor: the official code's default)."""
     return (Column(f"{label} A", {**settings, "space": "activity"}, seeds),
-            Column(f"{label} W", {**settings, "space": "weight", "granularity": "tensor"}, seeds))
+            Column(f"{label} W", {**settings, "space": "weight", "granularity": "tensor"}, seeds),
+            Column(f"{label} W/sample", {**settings, "space": "weight", "granularity": "sample"}, seeds))
 
 
 def _numbers(text: str) -> list[str]:
@@ -101,10 +108,11 @@ def _spec(name: str, title: str, columns: Iterable[Column], numbers: Mapping[str
     """A paper table: one row per label of ``numbers`` (its settings from ``settings``), 4 seeds."""
     columns = tuple(columns)
     activity = tuple(c.label for c in columns if c.settings.get("space") == "activity")
+    printed = [c.label for c in columns if c.settings.get("granularity") != "sample"]  # the paper's numbers' columns
     rows = []
     for label, text in numbers.items():
         runs = activity if _space_free({**train, **settings[label]}) else None
-        paper = dict(zip(runs or [c.label for c in columns], _numbers(text), strict=True))
+        paper = dict(zip(runs or printed, _numbers(text), strict=True))
         rows.append(Row(label, settings[label], paper, runs))
     return StudySpec(name, title, tuple(rows), columns, _SEEDS, {**_PAPER, **train}, _RULES, notes)
 
@@ -122,7 +130,7 @@ def _local_target(groups: Iterable[tuple[str, Mapping[str, Any], str, str, str]]
 
 
 def _head_columns(prefix: str = "", **settings: Any) -> tuple[Column, ...]:
-    """Columns "<prefix>CNN A", "CNN W", "MLP A", "MLP W", "Lin A", "Lin W" (the head family x space)."""
+    """Columns "<prefix>CNN A", "CNN W", "CNN W/sample", "MLP A", ..., "Lin W/sample" (the head family x space)."""
     return tuple(c for n, h in (("CNN", "cnn"), ("MLP", "mlp"), ("Lin", "linear"))
                  for c in _aw(f"{prefix}{n}", **settings, heads=h))
 

@@ -166,9 +166,10 @@ def uses_heads(settings: Mapping[str, Any]) -> bool:
 
 def auto_engine(settings: Mapping[str, Any]) -> str:
     """The engine the Performance page measures faster for a method: the reference engine (two
-    backprop passes, as the paper's code) for weight space per tensor or block and for the span
-    (the forward engine needs one tangent stream per tensor, or per sample), the forward engine
-    otherwise (the reference engine needs one backward per sample for ``per_sample="by-loss"``)."""
+    backprop passes, as the paper's code) for weight space per tensor, block or sample and for the span
+    (the forward engine needs one tangent stream per tensor, or per sample; per sample and tensor for
+    ``granularity="sample"``), the forward engine otherwise (the reference engine needs one backward per
+    sample for ``per_sample="by-loss"``)."""
     space, granularity = settings.get("space", "activity"), settings.get("granularity", "tensor")
     if (space == "weight" and granularity != "joint") or space == "span":
         return "reference"
