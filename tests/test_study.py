@@ -182,3 +182,33 @@ def test_jobs_run_cells_in_parallel_processes(tmp_path):
     assert all((out / "runs" / r / "summary.json").is_file() for r in runs)
     assert json.loads((out / "runs" / runs[0] / "config.json").read_text())["segments"][0]["threads"] == max(
         1, (os.cpu_count() or 1) // 2)  # each job gets an equal share of the cores
+
+
+def test_the_results_page_shows_the_table_of_its_committed_files():
+    """docs/results.md is built from docs/results/mini: the table rebuilt from the committed runs is the
+    page's, and every run of the preset finished."""
+    from pathlib import Path
+
+    from fwdtrans.app._presets import preset
+    from fwdtrans.app._report import collect
+
+    root = Path(__file__).resolve().parents[1] / "docs"
+    folder = root / "results" / "mini"
+    spec = preset("mini")
+    runs = cells(spec)
+    results = collect(runs, folder)
+    assert {r["state"] for r in results.values()} == {"done"}
+    md, table = format_table(spec, runs, results)
+    assert md in (root / "results.md").read_text()
+    assert table == (folder / "table.csv").read_text()
+
+
+def test_the_studies_page_lists_every_preset_with_its_run_count():
+    from pathlib import Path
+
+    from fwdtrans.app._presets import PRESETS
+
+    lines = (Path(__file__).resolve().parents[1] / "docs" / "study.md").read_text().splitlines()
+    for name, p in PRESETS.items():
+        row = next(line for line in lines if line.startswith(f"| `{name}` |"))
+        assert row.endswith(f"| {len(cells(p.build(False)))} |"), row
