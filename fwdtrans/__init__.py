@@ -12,12 +12,13 @@ Example:
 from . import heads, models
 from ._check import BlockCheck, CheckReport, check
 from ._converted import Converted, convert
+from ._cost import Cost
 from ._errors import FwdTransError
 from ._inspect import CutReport, inspect
 from ._method import Method
 
 __version__ = "0.1.0"
 __all__ = [
-    "BlockCheck", "CheckReport", "Converted", "CutReport", "FwdTransError", "Method", "check", "convert", "heads",
-    "inspect", "models",
+    "BlockCheck", "CheckReport", "Converted", "Cost", "CutReport", "FwdTransError", "Method", "check", "convert",
+    "heads", "inspect", "models",
 ]

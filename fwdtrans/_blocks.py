@@ -15,13 +15,65 @@ from typing import Any
 import torch
 import torch.func
 from torch import Tensor, nn
+from torch._functorch import eager_transforms as _et  # torch.func.vjp's building blocks (see vjp)
 from torch.func import functional_call, jvp
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 vmap: Callable[..., Any] = torch.func.vmap  # its stub refuses out_dims entries of None
 
-__all__ = ["State", "as_inputs", "call", "norm_affine", "push", "push_params", "replaying", "rng_state", "state"]
+__all__ = ["State", "as_inputs", "call", "norm_affine", "push", "push_params", "replaying", "rng_state", "state",
+           "vjp"]
 
 State = tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]  # trained params, frozen params, buffers
+
+
+def vjp(func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple:
+    """``torch.func.vjp``, whose pull-back differentiates only the primals it is asked for.
+
+    ``pull(cotangent, argnums=None)`` returns one entry per primal, like ``torch.func.vjp``'s; with
+    ``argnums`` (positions), only those entries are computed and the others are ``None``. The backward
+    then skips the work no requested primal needs: a block's pull-back to its input alone computes no
+    weight gradient (a convolution's ``grad_weight``), and to its parameters alone no gradient at the
+    block's input, so walking a cotangent back through a block and pulling back an estimate through it
+    cost one backward between them, as in backprop, instead of two. The same implementation as
+    ``torch.func.vjp`` (whose pull-back always differentiates every primal); Dynamo traces it the same way.
+    """
+    with _et.grad_increment_nesting() as level, torch.enable_grad():
+        wrapped = _et._wrap_all_tensors(primals, level)
+        diff = _et._create_differentiable(wrapped, level)
+        out = func(*wrapped)
+        aux = None
+        if has_aux:
+            out, aux = out
+            aux = _et._undo_create_differentiable(aux, level)
+        flat_out, out_spec = tree_flatten(out)
+        result = _et._undo_create_differentiable(out, level)
+    flat_diff = [tree_flatten(d) for d in diff]
+
+    def pull(cotangent: Any, argnums: Sequence[int] | None = None) -> tuple:
+        flat_cot, spec = tree_flatten(cotangent)
+        if spec != out_spec:
+            raise RuntimeError(f"vjp: the cotangent's structure {spec} differs from the output's {out_spec}")
+        chosen = range(len(flat_diff)) if argnums is None else argnums
+        inputs = [t for i in chosen for t in flat_diff[i][0]]
+        ctx = contextlib.nullcontext() if torch.compiler.is_compiling() else _no_inference_mode()
+        with ctx:
+            grads = list(_et._autograd_grad(flat_out, inputs, flat_cot, retain_graph=True,
+                                            create_graph=torch.is_grad_enabled()))
+        entries: list[Any] = [None] * len(flat_diff)
+        at = 0
+        for i in chosen:
+            leaves, tree = flat_diff[i]
+            entries[i] = tree_unflatten(grads[at:at + len(leaves)], tree)
+            at += len(leaves)
+        return tuple(entries)
+
+    return (result, pull, aux) if has_aux else (result, pull)
+
+
+def _no_inference_mode() -> contextlib.AbstractContextManager:
+    disable = getattr(_et, "_disable_inference_mode", None)
+    return disable() if disable is not None else torch.inference_mode(False)
 
 
 def as_inputs(x: object) -> tuple:

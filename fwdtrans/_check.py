@@ -140,7 +140,8 @@ def check(converted: Converted, batch: tuple[Any, Tensor], *, verbose: bool = Fa
     device = next((p.device for p in converted.parameters()), torch.device("cpu"))
     devices = [] if device.type == "cpu" else [device]
     with torch.random.fork_rng(devices, device_type=device.type):  # both engines draw the same dropout masks
-        forward.compute_gradients(x, y, allow_eval=True)  # on copies: the caller's mode is the caller's business
+        # on copies, on this process's batch alone: the caller's mode is the caller's business
+        forward.compute_gradients(x, y, allow_eval=True, distributed=False)
     record: dict = {}
     reference._gradients(x, y, record=record)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import types
 import warnings
@@ -11,9 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _engine, _plan
+from . import _distributed, _engine, _plan
 from ._blocks import as_inputs
 from ._check import check
+from ._cost import Cost, of_blocks
 from ._cuts import block_costs, choose_cuts, split
 from ._errors import FwdTransError
 from ._method import Aggregation, Engine, Granularity, GuessOption, Method, PerSample, SpaceName, Streams, Target
@@ -38,6 +41,10 @@ class Converted(nn.Module):
     A step checks, cheaply, that its inputs match the example inputs given to ``convert`` (per-sample
     shape, dtype, device; any batch size of at least 1) and that the model is in train mode.
 
+    ``converted.cost`` is the step's predicted cost ([`fwdtrans.Cost`][fwdtrans.Cost]: tangent streams, and
+    each engine's time in forward passes) at the batch size of ``convert``'s example inputs;
+    [`fwdtrans.inspect`][fwdtrans.inspect] with ``method=`` and ``batch=`` gives it for another batch size.
+
     Examples:
         >>> import torch, fwdtrans
         >>> model = fwdtrans.models.resnet18(width=8)
@@ -59,9 +66,11 @@ class Converted(nn.Module):
         self.num_classes = num_classes
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)  # random guesses and NTK re-initialisation
+        self.sync_batchnorm = False  # data parallel: BatchNorm statistics over the process group (convert sets it)
         self.math_attention = False  # set by convert when the flash attention kernel lacks forward AD
         self.dropout = (False,) * len(blocks)  # per block: whether it draws random masks; set by convert
         self.crossing_shapes = tuple(crossing_shapes)  # per cut: per-sample shapes of the tensors crossing it
+        self.cost: Cost | None = None  # one step's predicted cost per engine, at the example batch; set by convert
         self.renamed: dict[str, str] = {}  # top-level names of the original model renamed in the blocks (_trace)
         self.original_keys: tuple[str, ...] = ()  # the original model's state dict keys; set by convert
         self.unused: dict[str, Tensor] = {}  # its entries that the traced graph never reads
@@ -121,8 +130,13 @@ class Converted(nn.Module):
         self.unused = {k: v.detach().clone() for k, v in state.items() if k not in own}
 
     def compute_gradients(self, x: Inputs, y: Tensor, *, compile: bool | Mapping = False,
-                          allow_eval: bool = False) -> dict[str, Tensor]:
+                          allow_eval: bool = False, process_group: Any = None, distributed: bool | None = None,
+                          sync_batchnorm: bool | None = None) -> dict[str, Tensor]:
         """Write the method's gradient into ``p.grad`` of every trained parameter; return metrics.
+
+        Under ``torch.distributed`` (torchrun) each rank passes its own share of the batch and every rank gets
+        the gradients and metrics of the whole batch (see the docs' "Scaling out" page for what is reduced,
+        per method, and the few estimators that are computed per rank).
 
         Args:
             x: the model's input, as in ``convert``'s example inputs: a tensor, a tuple of the inputs of a
@@ -131,6 +145,12 @@ class Converted(nn.Module):
             compile: see [`train_step`][fwdtrans.Converted.train_step].
             allow_eval: step a model in eval mode (BatchNorm then normalises with its frozen running
                 statistics); refused otherwise.
+            process_group: reduce over this ``torch.distributed`` group rather than the default one.
+            distributed: ``None`` (default): reduce over the group whenever ``torch.distributed`` is initialised
+                and the group has several ranks; ``False``: a single-process step on this rank's batch;
+                ``True``: require a group.
+            sync_batchnorm: BatchNorm statistics over the whole group (``torch.nn.SyncBatchNorm``'s semantics;
+                every rank must pass batches of the same size); ``None``: ``convert``'s ``sync_batchnorm``.
 
         Returns:
             Detached 0-d tensors: ``loss`` (global loss), ``accuracy``, and ``loss/head{j}`` for the heads
@@ -149,24 +169,35 @@ class Converted(nn.Module):
         """
         inputs = as_inputs(x)
         self._check_step(inputs, y, allow_eval)
+        reduce = _distributed.resolve(self, process_group, distributed, sync_batchnorm, bool(compile))
         with attention_context(self.math_attention):
-            return self._gradients(inputs, y, compile=compile)
+            return self._gradients(inputs, y, compile=compile, reduce=reduce)
 
     def _gradients(self, x: Inputs, y: Tensor, *, record: dict | None = None,
-                   compile: bool | Mapping = False) -> dict[str, Tensor]:
+                   compile: bool | Mapping = False, reduce: _distributed.Reducer | None = None) -> dict[str, Tensor]:
         """The step without the checks: writes ``p.grad`` (old gradients cleared) and the buffers (unless the
-        loss is not finite); returns detached metrics. ``record`` receives the engine's per-block internals."""
+        loss is not finite); returns detached metrics. ``record`` receives the engine's per-block internals;
+        ``reduce``: a data-parallel step's reductions (``_distributed``)."""
         for p in self.parameters():
             p.grad = None
         plan = self.plan
-        noise = _engine.before_step(plan, y.shape[0], self.generator)
+        batch = y.shape[0]
+        if reduce is None:
+            noise = _engine.before_step(plan, batch, self.generator)
+        else:
+            plan = dataclasses.replace(plan, reduce=reduce)
+            noise = reduce.draw(plan, batch, self.generator, y)
         if compile:
-            fn = self.compiled_gradients(compile if isinstance(compile, Mapping) else None)
+            compiled = self.compiled_gradients(compile if isinstance(compile, Mapping) else None)
+            assert isinstance(compiled, functools.partial)
+            fn = functools.partial(compiled.func, plan)  # this step's plan (a data-parallel step's reductions)
             _engine.before_compiled_step(plan, as_inputs(x))
         else:
             fn = functools.partial(_engine.gradients, plan, record=record)
-        with torch.no_grad():  # torch.func transforms differentiate on their own
-            grads, buffers, metrics = fn(as_inputs(x), y, noise)
+        with torch.no_grad(), (reduce.step(batch) if reduce is not None else contextlib.nullcontext()):
+            grads, buffers, metrics = fn(as_inputs(x), y, noise)  # torch.func transforms differentiate on their own
+            if reduce is not None:
+                grads, buffers, metrics = reduce.finish(grads, buffers, metrics)
             for name, p in self.named_parameters():
                 p.grad = grads.get(name)
             if torch.isfinite(metrics["loss"]):  # a non-finite step leaves the running statistics as they were
@@ -265,10 +296,12 @@ class Converted(nn.Module):
         return functools.partial(self._compiled[key], plan)
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles compile afresh: a compiled step is bound to it
-        return {**super().__getstate__(), "_compiled": {}}
+        return {**super().__getstate__(), "_compiled": {}, "_reducers": {}}  # and its process groups
 
     def train_step(self, optimizer: torch.optim.Optimizer, *, diagnostics: bool = False,
-                   compile: bool | Mapping = False, allow_eval: bool = False) -> Callable[[Inputs, Tensor], dict]:
+                   compile: bool | Mapping = False, allow_eval: bool = False, process_group: Any = None,
+                   distributed: bool | None = None, sync_batchnorm: bool | None = None
+                   ) -> Callable[[Inputs, Tensor], dict]:
         """A function ``step(x, y) -> metrics`` that computes the gradients and applies ``optimizer``.
 
         ``x`` is what [`compute_gradients`][fwdtrans.Converted.compute_gradients] takes: a tensor, a tuple
@@ -290,6 +323,13 @@ class Converted(nn.Module):
         from [`fwdtrans.check`][fwdtrans.check] on the same batch: about three extra steps' work. Off, they cost
         nothing.
 
+        **Data parallel.** When ``torch.distributed`` is initialised (e.g. under ``torchrun``) the step reduces
+        over the default group, or ``process_group``, so that N ranks on 1/N of a batch each compute the step of
+        the whole batch; ``distributed=False`` turns it off. Building the step broadcasts rank 0's parameters,
+        buffers and noise generator to every rank (as DDP does). ``sync_batchnorm=True`` computes BatchNorm's
+        batch statistics over the group (default: ``convert``'s ``sync_batchnorm``); otherwise each rank
+        normalises its own share, as under DDP. Diagnostics are this rank's. See the docs' "Scaling out" page.
+
         Examples:
             >>> import torch, fwdtrans
             >>> converted = fwdtrans.convert(fwdtrans.models.resnet18(width=4), torch.randn(2, 3, 32, 32), blocks=2)
@@ -297,10 +337,14 @@ class Converted(nn.Module):
             >>> metrics = step(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
         """
         self._check_optimizer(optimizer)
+        reduce = _distributed.resolve(self, process_group, distributed, sync_batchnorm, bool(compile))
+        if reduce is not None:
+            _distributed.broadcast_state(self, reduce.group)
+        parallel = {"process_group": process_group, "distributed": distributed, "sync_batchnorm": sync_batchnorm}
 
         def step(x: Inputs, y: Tensor) -> dict[str, Tensor]:
             extra = check(self, (x, y)).metrics() if diagnostics else {}
-            metrics = self.compute_gradients(x, y, compile=compile, allow_eval=allow_eval)
+            metrics = self.compute_gradients(x, y, compile=compile, allow_eval=allow_eval, **parallel)
             metrics.update({k: torch.tensor(v) for k, v in extra.items()})
             if not torch.isfinite(metrics["loss"]):
                 raise FwdTransError(
@@ -380,6 +424,7 @@ def convert(
     streams: Streams | None = None,
     recompute: bool | None = None,
     multi_tensor: bool = False,
+    sync_batchnorm: bool = False,
     seed: int = 0,
     leaf_modules: Iterable[type] = (),
     autowrap_functions: Iterable[Callable] = (),
@@ -425,7 +470,11 @@ def convert(
         streams: how the forward engine schedules tangents: ``"per-block"``, ``"joint"`` or
             ``"sequential"``.
         recompute: recompute each block's forward for its pull-back instead of storing it.
-        seed: seeds the step's random guesses and NTK re-initialisations.
+        sync_batchnorm: in data-parallel steps (``torch.distributed``), compute BatchNorm's batch statistics
+            over the whole process group (``torch.nn.SyncBatchNorm``'s semantics), for the single-process result;
+            by default each rank normalises its own share of the batch, as under DDP. ``train_step`` and
+            ``compute_gradients`` can override it. See the docs' "Scaling out" page for the methods it supports.
+        seed: seeds the step's random guesses and NTK re-initialisations (the same on every rank).
         leaf_modules: module classes to keep whole when tracing (escape hatch for untraceable code).
         autowrap_functions: free functions to record as single calls when tracing (einops layers
             and functions are handled without this).
@@ -471,6 +520,7 @@ def convert(
     converted = Converted(modules, head_modules, [c.name for c in cuts], method, num_classes, seed,
                           tuple(c.shapes for c in cuts))
     converted.renamed = traced.renamed
+    converted.sync_batchnorm = bool(sync_batchnorm)
     converted.original_keys = tuple(model.state_dict())
     used = {converted.original_name(k) for k in converted.state_dict() if k.startswith("blocks.")}
     converted.unused = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in used}
@@ -490,8 +540,9 @@ def convert(
             h = (block(*h),)
             check_head(head, h[0], num_classes, name)
     converted.train(model.training)
+    converted.cost = of_blocks(method, modules, head_modules, cuts, costs, traced.batch, traced.batch)
     method.warn_if_costly(method.stream_count(len(modules), traced.batch, [len(list(m.parameters())) for m in modules],
-                                         [len(c.crossing) for c in cuts]))
+                                         [len(c.crossing) for c in cuts]), converted.cost)
     check_recompute(modules, method)
     converted.dropout = random_blocks(modules, example_inputs)
     converted.math_attention = check_forward_ad(modules, example_inputs, method)

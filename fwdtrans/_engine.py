@@ -43,7 +43,7 @@ from torch import Tensor, fx
 from torch.func import vmap
 
 from . import _persample
-from ._blocks import call, push, replaying, rng_state, state
+from ._blocks import call, push, replaying, rng_state, state, vjp
 from ._errors import FwdTransError
 from ._guesses import guess_for
 from ._method import Method
@@ -55,7 +55,6 @@ __all__ = ["Backprop", "BlockRecord", "Forward", "LocalLearning", "PerSampleForw
            "target_end"]
 
 Grads = dict[str, Tensor]
-vjp: Callable[..., Any] = torch.func.vjp  # (out, pull) or, with has_aux, (out, pull, aux): torch's stub says less
 
 # how many blocks past its own a block's target is read: 0 (local), 1 (intermediate), the logits (global)
 _REACH = {"local": 0, "intermediate": 1, "global": math.inf}
@@ -83,10 +82,10 @@ def check_compilable(plan: Plan) -> None:
     if rerun:
         blocks = ", ".join(map(str, rerun))
         raise FwdTransError(
-            f"compile=True with space={method.space!r} (granularity={method.granularity!r}) and dropout in block(s) "
-            f"{blocks}: the forward engine's weight-space step runs such a block twice and must replay its dropout "
-            "mask, which a compiled graph cannot. Fix: the eager step (compile=False), engine='reference', or remove "
-            "dropout from those blocks.")
+            f"compile=True with {method.describe()} and dropout in block(s) {blocks}: the forward engine's step "
+            "runs such a block twice (weight space: for J_theta v; streams='sequential': for each stream) and must "
+            "replay its dropout mask, which a compiled graph cannot. Fix: the eager step (compile=False), "
+            "engine='reference', or remove dropout from those blocks.")
 
 
 def before_compiled_step(plan: Plan, inputs: tuple) -> None:
@@ -131,7 +130,7 @@ class BlockRecord:
 
     out: Tensor
     inputs: tuple
-    pull: Callable | None = None  # the block's vjp: cotangent of out -> (params[, input]) cotangents
+    pull: Callable | None = None  # the block's vjp: cotangent of out[, argnums] -> (params[, input]) cotangents
     head_loss: Tensor | None = None  # mean head loss
     g: Tensor | None = None  # d head_loss / d out
     directions: Any = None  # the guess: activity (k, B, *h); weight [(k, *p)] per parameter
@@ -207,6 +206,8 @@ class _Sweep:
 
     def _save(self, prefix: str, tensors: dict[str, Tensor], into: Grads) -> None:
         into.update({f"{prefix}.{k}": v for k, v in tensors.items()})
+        if into is self.grads and self.plan.reduce is not None:  # data parallel: these gradients are final
+            self.plan.reduce.ready(prefix, tensors)
 
     def _block(self, j: int, inputs: tuple) -> BlockRecord:
         return self._run(j, inputs, None)[0]
@@ -244,7 +245,7 @@ class _Sweep:
         if b.pull is None:  # recompute=True: the same function, on the same inputs and buffers
             block, (trained, frozen, buffers) = self.plan.blocks[j], self.states[j]
             return vjp(lambda p: call(block, {**frozen, **p}, buffers, *b.inputs)[0], trained)[1](cotangent)[0]
-        return b.pull(cotangent)[0]
+        return b.pull(cotangent, argnums=(0,))[0]  # no gradient at the block's input (a chained block has one)
 
     def _train(self, j: int, cotangent: Tensor) -> None:
         """Block ``j``'s gradient: its pull-back of ``cotangent``."""
@@ -323,6 +324,10 @@ class Projected(_Sweep):
     def _end(self, j: int) -> int:
         return target_end(self.method.target, j, self.last)
 
+    def target_param_grads(self, j: int, cotangent: Tensor) -> Grads:
+        """Block ``j``'s parameter cotangents from its target's ``cotangent`` at its output."""
+        return self.param_grads(j, cotangent)
+
     def _cotangent(self, k: int) -> Tensor:
         """The cotangent of the loss read at block ``k``'s output: its head's, or the global loss's at the logits."""
         g = self.blocks[k].g if k < self.last else self.grad_logits
@@ -331,6 +336,8 @@ class Projected(_Sweep):
 
     def _at_logits(self):
         self._values()
+        if self.plan.reduce is not None:  # data parallel: batch-level projection scalars over the whole batch
+            self.plan.reduce.values(self)
         space, blocks = self.space, self.blocks[:-1]
         if self.method.joint:  # one directional derivative shared by every block
             total = cast(Tensor, sum(b.values for b in blocks if b.values is not None))
@@ -400,14 +407,25 @@ class Forward(Projected):
         """Push one bundle from its block to its target on its own, recomputing the primal."""
         h, tangents = self.blocks[s.origin].out, s.tangents
         for k in range(s.origin + 1, s.end + 1):
-            h, tangents, _ = push(self.plan.blocks[k], h, tangents, self.states[k])
+            with replaying(self.blocks[k].rng):  # the sweep's dropout masks
+                h, tangents, _ = push(self.plan.blocks[k], h, tangents, self.states[k])
         return _contract(tangents, self._cotangent(s.end), self.space.per_sample)
 
 
 class Reference(Projected):
-    """``engine="reference"``: the same values from the chained pull-backs, as the paper's code."""
+    """``engine="reference"``: the same values from the chained pull-backs, as the paper's code.
+
+    Each pull-back differentiates only what is read of it (``_blocks.vjp``): the walk back asks a block for
+    its input's cotangent alone, an activity estimate's pull-back for the parameters alone, so the two cost
+    one backward between them. Where the walk's cotangent at a block is also what the block's parameters
+    need (the last block's exact gradient; in weight space, a block's target gradient on the walk of the
+    global target) one pull-back gives both, kept in ``target_grads``."""
 
     chained = True
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.target_grads: dict[int, Grads] = {}  # block -> its parameters' gradient of its target's cotangent
 
     def _values(self):
         per_sample = self.space.per_sample
@@ -420,17 +438,36 @@ class Reference(Projected):
             c, k = read(self._cotangent(end)), end
             for j in reversed(js):
                 while k > j:
-                    c, k = self._back(k, c, per_sample), k - 1
+                    # the last block's cotangent is the global loss's (its exact gradient); in weight space a
+                    # block on the walk carries its own target (its target gradient): keep the parameters' part
+                    keep = not per_sample and (k == self.last or (self.space.param_tangents and cotangents.get(k) is c))
+                    c, k = self._back(k, c, per_sample, keep), k - 1
                 cotangents[j] = c
         for j, b in enumerate(self.blocks[:-1]):
             if b.values is None:  # else set by the space (a parameter-free block in weight space)
                 b.values, b.target = self.space.reference_values(self, j, b, cotangents[j])
 
-    def _back(self, k: int, cotangent: Tensor, batched: bool) -> Tensor:
-        """The cotangent at block ``k``'s input from one at its output (rows ``(R, *out)`` if ``batched``)."""
+    def _back(self, k: int, cotangent: Tensor, batched: bool, keep: bool = False) -> Tensor:
+        """The cotangent at block ``k``'s input from one at its output (rows ``(R, *out)`` if ``batched``);
+        ``keep``: the parameters' cotangents too, into ``target_grads``."""
         pull = self.blocks[k].pull
         assert pull is not None
-        return vmap(lambda c: pull(c)[1])(cotangent) if batched else pull(cotangent)[1]
+        if keep:
+            self.target_grads[k], cotangent = pull(cotangent)
+            return cotangent
+        back = functools.partial(pull, argnums=(1,))  # the input's cotangent only: no weight gradient
+        return vmap(lambda c: back(c)[1])(cotangent) if batched else back(cotangent)[1]
+
+    def target_param_grads(self, j, cotangent):
+        """Kept from the walk if it passed block ``j`` with this cotangent, else a pull-back of it."""
+        grads = self.target_grads.pop(j, None)
+        return self.param_grads(j, cotangent) if grads is None else grads
+
+    def _train(self, j, cotangent):
+        if j == self.last and j in self.target_grads:  # the walk's pull-back of the global loss's cotangent
+            self._save(f"blocks.{j}", self.target_grads.pop(j), self.grads)
+        else:
+            super()._train(j, cotangent)
 
 
 class _PerSample(Projected):

@@ -9,7 +9,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from ._blocks import as_inputs
-from ._cuts import CutPoint, block_costs, choose_cuts, find_cut_points
+from ._cost import Cost, of_blocks
+from ._cuts import CutPoint, block_costs, choose_cuts, find_cut_points, split
+from ._errors import FwdTransError
+from ._method import Method
 from ._trace import trace
 from .heads import HeadSpec, build_cut_head, check_head_keys, head_flops
 
@@ -26,6 +29,9 @@ class CutReport:
         total_flops: forward FLOPs of the model on the example inputs.
         total_params: parameters of the model.
         plan: with ``blocks=...``: per block, its cost and its head's (FLOPs per sample).
+        method: with ``method=...``: the method the cost is predicted for.
+        cost: with ``method=...``: its tangent streams per step and the predicted step time of each
+            engine, in forward passes ([`fwdtrans.Cost`][fwdtrans.Cost]).
     """
 
     model: str
@@ -33,6 +39,8 @@ class CutReport:
     total_flops: int
     total_params: int
     plan: tuple[dict, ...] = ()  # with blocks=...: per block, its cost and its head's (FLOPs per sample)
+    method: Method | None = None
+    cost: Cost | None = None
 
     @property
     def names(self) -> list[str]:
@@ -56,6 +64,8 @@ class CutReport:
             plan += [(str(r["block"]), r["ends_after"], f"{r['flops']:,}", f"{r['params']:,}", r["head"],
                       f"{r['head_flops']:,}", f"{r['head_ratio']:.1%}" if r["head"] != "-" else "-") for r in self.plan]
             lines += _table(plan)
+        if self.method is not None and self.cost is not None:
+            lines.append(f"method {self.method.describe()}: {self.cost}")
         return "\n".join(lines)
 
 
@@ -76,6 +86,8 @@ def inspect(
     leaf_modules: Iterable[type] = (),
     autowrap_functions: Iterable[Callable] = (),
     concrete_args: dict | None = None,
+    method: Method | None = None,
+    batch: int | None = None,
 ) -> CutReport:
     """List the points where ``model`` can be cut into blocks.
 
@@ -84,6 +96,10 @@ def inspect(
     With ``blocks`` (and ``heads``, ``balance`` as in [`fwdtrans.convert`][fwdtrans.convert]) the report also
     shows the plan ``convert`` would make: each block's cost and its head's FLOPs relative to it.
     ``multi_tensor=True`` also lists the points several tensors cross (their shapes joined by ``+``).
+    With ``blocks`` and ``method`` (a [`fwdtrans.Method`][fwdtrans.Method]) it also predicts one step's cost
+    (``report.cost``): the tangent streams the forward engine propagates and the time of a step with each
+    engine, in forward passes and as a ratio to backprop, for a batch of ``batch`` samples (default: that of
+    ``example_inputs``; the per-sample methods' streams grow with it).
 
     Examples:
         >>> import torch, fwdtrans
@@ -91,6 +107,7 @@ def inspect(
         >>> report.names[:3]
         ['stem.0', 'stem.1', 'stem']
     """
+    step_batch = batch  # the plan's rows below use ``batch`` for the example inputs'
     traced = trace(model, as_inputs(example_inputs), leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
                    concrete_args=concrete_args)
     plan: tuple[dict[str, Any], ...] = ()
@@ -113,12 +130,24 @@ def inspect(
                 row["head_ratio"] = row["head_flops"] / max(row["flops"], 1)
             rows.append(row)
         plan = tuple(rows)
+    predicted: Cost | None = None
+    if method is not None:
+        if blocks is None:
+            raise FwdTransError("inspect(..., method=...) predicts the cost of a step on the blocks it cuts: pass "
+                                "blocks= too.")
+        modules = split(traced, cuts)
+        built = [build_cut_head(heads, c.shapes, traced.output_shape[-1], name=c.name,
+                                block_flops=r["flops"], aliases=c.aliases) for c, r in zip(cuts, plan, strict=False)]
+        predicted = of_blocks(method, modules, built, cuts, block_costs(traced, cuts), traced.batch,
+                         step_batch or traced.batch)
     return CutReport(
         type(model).__name__,
         tuple(find_cut_points(traced, multi_tensor)),
         sum(i.flops for i in traced.info.values()),
         sum(i.params for i in traced.info.values()),
         plan,
+        method,
+        predicted,
     )
 
 

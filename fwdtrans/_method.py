@@ -10,12 +10,15 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from torch import Tensor
 
 from ._errors import FwdTransError
 from ._spaces import space_class, space_for  # which import nothing of this module at run time
+
+if TYPE_CHECKING:
+    from ._cost import Cost
 
 __all__ = ["Method"]
 
@@ -211,8 +214,16 @@ class Method:
                 "'sequential') and space='weight'. Fix: change the method, or cut where one tensor crosses "
                 "(multi_tensor=False).")
 
-    def warn_if_costly(self, streams: int) -> None:
+    def warn_if_costly(self, streams: int, cost: Cost | None = None) -> None:
+        """Warn when the step propagates more than ``MANY_STREAMS`` streams; with the step's predicted
+        ``cost``, name the cheaper engine."""
         if streams > MANY_STREAMS:
+            advice, predicted = space_for(self).cheaper, ""
+            if cost is not None:
+                predicted = (f"; predicted step: {cost.forward:.1f} forward passes with engine='forward', "
+                             f"{cost.reference:.1f} with engine='reference', backprop {cost.backprop:.0f}")
+                if cost.cheaper == "reference" and "engine='reference'" not in advice:
+                    advice = f"engine='reference' (the same estimates, cheaper here), {advice}"
             warnings.warn(
                 f"{self.describe()} propagates {streams} tangent streams per step (each costs about one block "
-                f"forward per block it crosses). Consider {space_for(self).cheaper}.", stacklevel=3)
+                f"forward per block it crosses{predicted}). Consider {advice}.", stacklevel=3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -36,6 +37,9 @@ class Plan:
         method: what each block's gradient is.
         crossing_shapes: per cut, the per-sample shapes of the tensors crossing it.
         dropout: per block, whether its forward draws random numbers (replayed when it runs twice).
+        reduce: a data-parallel step's reductions over a process group (a ``_distributed.Reducer``, set per
+            step by ``Converted``), or ``None``: the engine hands it what it reduces (weight-space guesses and
+            directional derivatives, finished gradients).
     """
 
     blocks: Sequence[nn.Module]
@@ -43,6 +47,7 @@ class Plan:
     method: Method
     crossing_shapes: Shapes
     dropout: tuple[bool, ...]
+    reduce: Any = None
 
     @property
     def segments(self) -> tuple[tuple[int, ...], ...]:

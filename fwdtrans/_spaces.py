@@ -73,7 +73,10 @@ class Space:
     def rerun(self, plan: Plan) -> tuple[int, ...]:
         """The blocks whose forward the step runs a second time: their random state is noted before the
         sweep runs them, to replay their dropout masks (which a compiled step cannot do)."""
-        return tuple(range(len(plan.blocks) - 1)) if self.reruns_block else ()
+        blocks = set(range(len(plan.blocks) - 1)) if self.reruns_block else set()
+        if self.method.engine == "forward" and self.method.streams == "sequential" and self.method.target != "local":
+            blocks |= set(range(1, len(plan.blocks)))  # each bundle is pushed again through the blocks it crosses
+        return tuple(sorted(blocks))
 
     def warm(self, plan: Plan, inputs: tuple) -> None:
         """Eager work a compiled step needs done before it runs (``inputs``: the step's)."""
@@ -169,6 +172,8 @@ class Activity(Space):
         return self.streams(b)
 
     def reference_values(self, sweep, j, b, cotangent):
+        if self.exact:  # stream (i, n) is v_i,n at sample n alone: its value is <t_n, v_i,n>, without the streams
+            return (b.directions * cotangent).flatten(2).sum(-1).flatten(), [cotangent]
         streams = self.streams(b)
         if self.per_sample:
             return torch.einsum("mnd,snd->sm", cotangent.flatten(2), streams.flatten(2)), [cotangent.sum(0)]  # (S, B)
@@ -236,6 +241,8 @@ class Weight(Space):
             b.values = b.out.new_zeros(len(b.units) * self.k)
             return False
         b.directions = sweep.guess.at_params(lambda: list(sweep.param_grads(j, b.g).values()), sweep.noise[j])
+        if sweep.plan.reduce is not None:  # data parallel: the whole batch's guess, before it is pushed
+            b.directions = sweep.plan.reduce.guess(sweep, b.directions)
         b.normalise, b.units = sweep.guess.normalise, self.units(len(trained))
         return True
 
@@ -248,7 +255,7 @@ class Weight(Space):
         return push_params(sweep.plan.blocks[j], b.inputs, self.streams(b), sweep.states[j], b.rng)
 
     def reference_values(self, sweep, j, b, cotangent):
-        grads = list(sweep.param_grads(j, cotangent).values())
+        grads = list(sweep.target_param_grads(j, cotangent).values())
         return sum((s * g).flatten(1).sum(-1) for s, g in zip(self.streams(b), grads, strict=True)), grads
 
     def estimate(self, b, values, segments):

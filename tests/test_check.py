@@ -91,6 +91,21 @@ def test_weight_space_replays_the_dropout_masks_of_a_block_it_runs_twice(float64
     assert report.ok, report
 
 
+@pytest.mark.parametrize("target", ["global", "intermediate"])
+def test_sequential_streams_replay_the_dropout_masks_of_the_blocks_they_cross(float64, target):
+    """streams='sequential' pushes each block's stream on its own after the sweep, running the blocks it crosses
+    again: with the sweep's dropout masks, it gives the reference engine's estimate."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.5),
+                          nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3))
+    c = fwdtrans.convert(model, torch.randn(4, 6), blocks=3, heads="linear", streams="sequential", target=target)
+    assert c.dropout[1] and c.dropout[2]
+    report = fwdtrans.check(c, (torch.randn(16, 6), torch.randint(0, 3, (16,))))
+    assert report.ok, report
+    with pytest.raises(fwdtrans.FwdTransError, match="streams='sequential': for each stream"):
+        c.compute_gradients(torch.randn(4, 6), torch.randint(0, 3, (4,)), compile=True)
+
+
 def test_compiled_weight_space_refuses_dropout_before_the_last_block():
     model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     c = fwdtrans.convert(model, torch.randn(4, 6), blocks=2, heads="linear", space="weight")

@@ -49,7 +49,7 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 def batches(x: Tensor, y: Tensor, batch_size: int, *, mean: Sequence[float], std: Sequence[float],
             shuffle: bool, augment: bool, generator: torch.Generator | None = None, drop_last: bool = False,
-            start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+            start: int = 0, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[Tensor, Tensor]]:
     """Iterate over one epoch of normalised mini-batches.
 
     Images are scaled to [0, 1] and normalised per channel with ``mean`` and ``std``. With
@@ -69,6 +69,10 @@ def batches(x: Tensor, y: Tensor, batch_size: int, *, mean: Sequence[float], std
             when this function is called); ``None`` uses torch's global generator.
         drop_last: Drop a final batch smaller than ``batch_size``.
         start: Index of the first batch to yield: the epoch resumed at batch ``start``.
+        shard: ``(rank, ranks)``: yield only rank ``rank``'s contiguous slice of each batch (samples
+            ``b * batch_size + [batch * rank // ranks, batch * (rank + 1) // ranks)`` of the epoch's order, for
+            a batch of ``batch`` samples), as a data-parallel run's ranks share each batch. The epoch's order
+            and augmentation are drawn whole, the same for any number of ranks.
 
     Returns:
         An iterator over ``(images, labels)``: float32 images (B, C, H, W) and their labels.
@@ -89,6 +93,9 @@ def batches(x: Tensor, y: Tensor, batch_size: int, *, mean: Sequence[float], std
                             "pass the tensors of an ImageDataset")
     if len(x) != len(y):
         raise FwdTransError(f"x has {len(x)} samples but y has {len(y)}; pass matching images and labels")
+    rank, ranks = shard
+    if not 0 <= rank < ranks:
+        raise FwdTransError(f"shard={shard}: use (rank, ranks) with 0 <= rank < ranks")
     if len(mean) != x.shape[1] or len(std) != x.shape[1]:
         raise FwdTransError(f"mean and std need one value per channel ({x.shape[1]}), got {len(mean)} and {len(std)}")
     count = num_batches(len(x), batch_size, drop_last)
@@ -96,16 +103,20 @@ def batches(x: Tensor, y: Tensor, batch_size: int, *, mean: Sequence[float], std
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     shifts = torch.randint(-PADDING, PADDING + 1, (n, 2), generator=generator) if augment else None
     flips = torch.rand(n, generator=generator) < 0.5 if augment else None
-    return _iterate(x, y, batch_size, range(start, count), order, shifts, flips, mean, std)
+    return _iterate(x, y, batch_size, range(start, count), order, shifts, flips, mean, std, shard)
 
 
 def _iterate(x: Tensor, y: Tensor, batch_size: int, indices: range, order: Tensor, shifts: Tensor | None,
-             flips: Tensor | None, mean: Sequence[float], std: Sequence[float]) -> Iterator[tuple[Tensor, Tensor]]:
+             flips: Tensor | None, mean: Sequence[float], std: Sequence[float],
+             shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[Tensor, Tensor]]:
     shape = (1, -1, 1, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(shape)
     std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(shape)
+    rank, ranks = shard
     for b in indices:
-        positions = slice(b * batch_size, (b + 1) * batch_size)
+        first, end = b * batch_size, min((b + 1) * batch_size, len(order))
+        size = end - first
+        positions = slice(first + size * rank // ranks, first + size * (rank + 1) // ranks)
         idx = order[positions].to(x.device)
         xb = x[idx]
         if shifts is not None and flips is not None:

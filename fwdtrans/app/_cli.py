@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 import threading
@@ -75,6 +76,10 @@ _HELP = {
     "checkpoint_every": "also checkpoint every N steps (0: at the end of each epoch only)",
     "diagnostics_every": "every N steps, record per block cos(guess, target) (Eq. 6) and cos(estimate, true gradient)",
     "tensorboard": "also write TensorBoard scalars to RUN_DIR/tensorboard (needs tensorboard installed)",
+    "sync_batchnorm": "under torchrun: BatchNorm statistics over every rank's share of the batch (default: each rank "
+                      "normalises its own share, as DDP)",
+    "dist_timeout": "under torchrun: seconds a rank waits for the others (to join, or in a collective) before it "
+                    "stops with an error",
     "probe_epochs": "after training, train fresh heads N epochs on the frozen network's block outputs and record "
                     "their per-block losses (the paper's Figure 2, for methods that train no heads)",
 }
@@ -179,6 +184,17 @@ def _log(line: str) -> None:
     print(line, flush=True)
 
 
+def _rank() -> int | None:
+    """This process's rank under torchrun (several processes), else ``None``."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else None
+
+
+def _say(*args, **kwargs) -> None:
+    """``print`` on rank 0 only (every rank runs the same command under torchrun)."""
+    if not _rank():
+        print(*args, **kwargs)
+
+
 def _study(args: argparse.Namespace) -> int:
     if args.list:
         print(f"{'preset':<16} {'runs':>5}  description")
@@ -193,10 +209,11 @@ def _study(args: argparse.Namespace) -> int:
     spec = preset(args.preset, full=args.full) if args.preset else load_spec(args.config)
     options = {"data_dir": args.data_dir, "device": args.device, "threads": args.threads}
     if args.dry_run:
-        estimate(spec, args.out, log=_log, **options)
+        if not _rank():
+            estimate(spec, args.out, log=_log, **options)
         return 0
     run_study(spec, args.out, jobs=args.jobs, log=_log, progress=_progress(), **options)
-    print(f"tables and plots: {args.out}/table.md, table.csv, *.png")
+    _say(f"tables and plots: {args.out}/table.md, table.csv, *.png")
     return 0
 
 
@@ -214,21 +231,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             summary = train(_config(args), run_dir=args.run_dir, progress=_progress(), log=_log)
             ms = summary["seconds_per_step"]
-            print(f"test accuracy {summary['test_accuracy']:.2%}" + (f" ({ms * 1000:.0f} ms/step)" if ms else ""))
+            _say(f"test accuracy {summary['test_accuracy']:.2%}" + (f" ({ms * 1000:.0f} ms/step)" if ms else ""))
             return 0
         rows = []
         for label, method in DEMO_METHODS:
-            print(f"== {label}", file=sys.stderr)
+            _say(f"== {label}", file=sys.stderr)
             summary = train(_config(args, **method), progress=_progress(), log=partial(print, file=sys.stderr))
             rows.append({**summary, "label": label})
-        print(f"\n{'method':<58} {'test acc.':>9} {'ms/step':>8}")
+        _say(f"\n{'method':<58} {'test acc.':>9} {'ms/step':>8}")
         for r in rows:
-            print(f"{r['label']:<58} {r['test_accuracy']:>9.2%} {r['seconds_per_step'] * 1000:>8.0f}")
-        if args.out:
+            _say(f"{r['label']:<58} {r['test_accuracy']:>9.2%} {r['seconds_per_step'] * 1000:>8.0f}")
+        if args.out and not _rank():
             write_json(args.out, {"runs": rows})
         return 0
     except FwdTransError as e:
-        print(f"fwdtrans: error: {e}", file=sys.stderr)
+        rank = _rank()
+        print(f"fwdtrans: error{'' if rank is None else f' (rank {rank})'}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         where = getattr(args, "run_dir", None)

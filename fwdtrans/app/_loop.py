@@ -11,11 +11,13 @@ epoch (data order and augmentation, ``_batches``).
 
 from __future__ import annotations
 
+import atexit
 import copy
 import dataclasses
 import importlib.util
 import json
 import math
+import os
 import platform
 import random
 import time
@@ -26,10 +28,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import fwdtrans
 
+from .. import _distributed
 from .._errors import FwdTransError
 from .._method import Method
 from ..heads import AutoHead, CNNHead, HeadSpec, LinearHead, MLPHead
@@ -39,11 +43,14 @@ from ._datasets import DATASETS, ImageDataset, load_dataset
 from ._rundir import FORMAT, RunDir, deferred_interrupts, load_checkpoint, save_checkpoint, save_torch, write_json
 from ._schedule import SCHEDULES, lr_factor
 
-__all__ = ["EXECUTION_KEYS", "METHOD_KEYS", "TrainConfig", "build", "evaluate", "resolve_device", "train"]
+__all__ = ["EXECUTION_KEYS", "METHOD_KEYS", "TrainConfig", "World", "build", "evaluate", "join_group", "resolve_device",
+           "train"]
 
-# settings that may change when a run resumes: they change how, where or what is logged, not what is trained
+# settings that may change when a run resumes: they change how, where or what is logged, not what is trained (and,
+# like the number of ranks, sync_batchnorm only changes which samples share BatchNorm's statistics)
 EXECUTION_KEYS = ("epochs", "device", "threads", "compile", "checkpoint_every", "diagnostics_every", "tensorboard",
-                  "data_dir")
+                  "data_dir", "sync_batchnorm", "dist_timeout")
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _PAPER_SCHEDULE = {"imagenet32": (20, 0.1)}  # (step_size, gamma); the others: (30, 0.2)
 _HEADS = ("auto", "cnn", "mlp", "linear")
 METHOD_KEYS = tuple(f.name for f in fields(Method))  # the method's fields, flat in config.json, studies and flags
@@ -64,9 +71,10 @@ class TrainConfig:
     epochs (``None``: the paper's, 30 and 0.2, ImageNet32 20 and 0.1). Execution (may differ when
     a run resumes): ``device`` (``"auto"``: CUDA when available), ``threads``, ``compile``,
     ``checkpoint_every`` steps, ``diagnostics_every`` steps (per-block cosines, Eq. 6),
-    ``tensorboard``. ``probe_epochs``: after training, fresh heads are trained that many epochs on
-    the frozen network's block outputs, for per-block losses of methods that train no heads (the
-    paper's Figure 2).
+    ``tensorboard``; under ``torchrun`` (several ranks): ``sync_batchnorm`` (BatchNorm statistics over every
+    rank's share of the batch) and ``dist_timeout`` (seconds a rank waits for the others).
+    ``probe_epochs``: after training, fresh heads are trained that many epochs on the frozen network's
+    block outputs, for per-block losses of methods that train no heads (the paper's Figure 2).
 
     Example:
         >>> TrainConfig(width=4, blocks=2, epochs=1).validate().schedule
@@ -100,6 +108,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     diagnostics_every: int = 0
     tensorboard: bool = False
+    sync_batchnorm: bool = False
+    dist_timeout: float = 300.0
     probe_epochs: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,6 +151,8 @@ class TrainConfig:
             (self.checkpoint_every >= 0, "checkpoint_every", "use 0 (end of each epoch only) or a step count"),
             (self.diagnostics_every >= 0, "diagnostics_every", "use 0 (off) or a step count"),
             (self.probe_epochs >= 0, "probe_epochs", "use 0 (off) or an epoch count"),
+            (math.isfinite(self.dist_timeout) and self.dist_timeout > 0, "dist_timeout", "use a positive number of "
+             "seconds"),
         ]
         for ok, key, fix in checks:
             if not ok:
@@ -182,16 +194,137 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+@dataclass(frozen=True)
+class World:
+    """This process's place in a data-parallel run: ``rank`` of ``size`` ranks (``torchrun``), in ``group``
+    (``None``: a single process), exchanging values on ``device`` (NCCL's collectives take CUDA tensors only).
+    Rank 0 writes the run directory and logs."""
+
+    rank: int = 0
+    size: int = 1
+    group: Any = None
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self, what: str) -> None:
+        """Wait for every rank (a FwdTransError, not a hang, when one fails or does not come)."""
+        if self.group is None:
+            return
+        try:
+            dist.barrier(group=self.group)
+        except RuntimeError as e:
+            raise _distributed.GroupFailure(f"rank {self.rank} of {self.size}: waiting for the other ranks {what} "
+                                            f"failed ({str(e).strip()[:300]}). Another rank failed, died or did not "
+                                            "come within --dist-timeout. Fix: read the first error among the ranks' "
+                                            "outputs.") from e
+
+    def agree(self, error: FwdTransError | None, what: str) -> None:
+        """Raise on every rank when ``what`` failed on any (``error``: this rank's failure, or ``None``): this
+        rank's own error, or one naming the rank that failed; one small all-reduce, so that a failure on one rank
+        ends the others at once rather than after the timeout, and never pairs their later collectives wrongly."""
+        if self.group is None:
+            if error is not None:
+                raise error
+            return
+        failed = self.sum({f"{r}": float(r == self.rank and error is not None) for r in range(self.size)})
+        if error is not None:
+            raise error
+        ranks = [r for r in range(self.size) if failed[f"{r}"]]
+        if ranks:
+            raise FwdTransError(f"rank {ranks[0]} failed {what}; its error above names the fix.")
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """The mean of each value over the ranks (one all-reduce)."""
+        return {k: v / self.size for k, v in self.sum(values).items()}
+
+    def sum(self, values: dict[str, float]) -> dict[str, float]:
+        """The sum of each value over the ranks (one all-reduce; every rank must pass the same keys)."""
+        if self.group is None or not values:
+            return values
+        keys = sorted(values)
+        flat = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        try:
+            dist.all_reduce(flat, group=self.group)
+        except RuntimeError as e:
+            raise _distributed.GroupFailure(f"rank {self.rank} of {self.size}: adding up values over the ranks failed "
+                                            f"({str(e).strip()[:300]}). Another rank failed, died or did not answer "
+                                            "within --dist-timeout.") from e
+        return {k: float(v) for k, v in zip(keys, flat.tolist(), strict=True)}
+
+
+def join_group(device: torch.device, timeout: float = 300.0) -> tuple[World, torch.device]:
+    """This process's :class:`World` and the device it trains on. Under ``torchrun`` (``WORLD_SIZE`` > 1) the
+    default process group is initialised from its environment on first use (gloo on CPU, NCCL on CUDA, each
+    rank on ``cuda:LOCAL_RANK``), waiting at most ``timeout`` seconds for the other ranks; a group initialised
+    beforehand (by the caller) is used as it is.
+
+    Example:
+        >>> world, device = join_group(torch.device("cpu"))  # not under torchrun: a single process
+        >>> world.rank, world.size, world.main, device
+        (0, 1, True, device(type='cpu'))
+    """
+    env = os.environ
+    if dist.is_available() and dist.is_initialized():
+        rank, size = dist.get_rank(), dist.get_world_size()
+    else:
+        try:
+            size = int(env.get("WORLD_SIZE", "1"))
+        except ValueError:
+            raise FwdTransError(f"WORLD_SIZE={env['WORLD_SIZE']!r} is not a number of processes. Fix: launch with "
+                                "torchrun --nproc-per-node N, which sets it, or unset it.") from None
+        rank = 0
+    if size <= 1:
+        return World(), device
+    if device.type == "cuda":
+        local, per_node = int(env.get("LOCAL_RANK", "0")), int(env.get("LOCAL_WORLD_SIZE", "1"))
+        if device.index is not None and per_node > 1:
+            raise FwdTransError(f"--device {device} with {per_node} ranks on this machine: each rank trains on "
+                                "cuda:LOCAL_RANK. Fix: --device cuda (or auto).")
+        device = torch.device("cuda", local if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        missing = [k for k in _TORCHRUN_ENV if k not in env]
+        if missing:
+            raise FwdTransError(f"WORLD_SIZE={size} says this is one of several processes, but {', '.join(missing)} "
+                                f"{'is' if len(missing) == 1 else 'are'} not set. Fix: launch with torchrun "
+                                "--nproc-per-node N -m fwdtrans ... (it sets them all), or unset WORLD_SIZE.")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        try:
+            dist.init_process_group(backend, timeout=_distributed.timeout(timeout))
+        except (RuntimeError, ValueError) as e:
+            raise FwdTransError(
+                f"rank {env['RANK']} of {size} could not join the process group ({backend}, rendezvous at "
+                f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}, waiting at most {timeout:g} s): "
+                f"{str(e).strip()[:300]}. Fix: start every rank (torchrun --nnodes/--nproc-per-node), with the same "
+                "MASTER_ADDR and MASTER_PORT reachable from all of them.") from e
+        atexit.register(_leave_group)
+        rank = dist.get_rank()
+    return World(rank, size, dist.group.WORLD, device), device
+
+
+def _leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @torch.no_grad()
 def evaluate(converted: fwdtrans.Converted, x: torch.Tensor, y: torch.Tensor, mean, std, *, heads: bool = False,
-             batch_size: int = 500) -> dict[str, float]:
+             batch_size: int = 500, world: World | None = None) -> dict[str, float]:
     """Test loss and top-1 accuracy of ``converted`` in eval mode (and each head's loss with
-    ``heads``) on uint8 images ``x``; restores the training flag."""
+    ``heads``) on uint8 images ``x``; restores the training flag. With a ``world`` of several ranks,
+    each rank evaluates its contiguous share of the images and the sums are added over the ranks."""
     was_training = converted.training
     converted.eval()
     last = len(converted.blocks) - 1
+    total = len(y)
+    if world is not None and world.group is not None:
+        share = slice(total * world.rank // world.size, total * (world.rank + 1) // world.size)
+        x, y = x[share], y[share]
     sums = {"test_loss": 0.0, "test_accuracy": 0.0, **{f"test_loss/head{j}": 0.0 for j in range(last) if heads}}
-    for xb, yb in batches(x, y, batch_size, mean=mean, std=std, shuffle=False, augment=False):
+    for xb, yb in batches(x, y, batch_size, mean=mean, std=std, shuffle=False, augment=False) if len(y) else ():
         h = (xb,)
         for j, block in enumerate(converted.blocks):
             h = (block(*h),)
@@ -200,7 +333,9 @@ def evaluate(converted: fwdtrans.Converted, x: torch.Tensor, y: torch.Tensor, me
         sums["test_loss"] += float(F.cross_entropy(h[0], yb, reduction="sum"))
         sums["test_accuracy"] += float((h[0].argmax(-1) == yb).sum())
     converted.train(was_training)
-    return {k: v / max(len(y), 1) for k, v in sums.items()}
+    if world is not None and world.group is not None:
+        sums = world.sum(sums)
+    return {k: v / max(total, 1) for k, v in sums.items()}
 
 
 def build(config: TrainConfig, image_shape: tuple[int, ...], num_classes: int) -> fwdtrans.Converted:
@@ -284,6 +419,10 @@ def train(config: TrainConfig, *, run_dir: str | None = None, progress: Callable
     ``progress`` wraps each epoch's batch iterator (e.g. ``functools.partial(tqdm, ...)``), ``log``
     receives one line per epoch.
 
+    Under ``torchrun`` (see :func:`join_group`) every rank trains on its contiguous share of each batch of
+    the same epoch plan; rank 0 alone writes the run directory, logs and shows progress; every rank loads
+    the checkpoint, and evaluation is split over the ranks.
+
     Example:
         >>> summary = train(TrainConfig(width=2, blocks=2, heads="linear", epochs=1, limit=64,
         ...                             batch_size=32))
@@ -291,19 +430,27 @@ def train(config: TrainConfig, *, run_dir: str | None = None, progress: Callable
         [1]
     """
     config = config.validate()
+    world, device = join_group(resolve_device(config.device), config.dist_timeout)
+    if not world.main:
+        progress = log = None
     run = RunDir(run_dir) if run_dir is not None else None
     if run is None:
-        return _train(config, None, progress, log)
-    run.prepare()
+        return _train(config, None, progress, log, world, device)
+    problem = None
+    if world.main:  # rank 0 alone writes (and locks) the run directory
+        try:
+            run.prepare()
+        except FwdTransError as e:
+            problem = e
+    world.agree(problem, "to open the run directory")
     try:
-        return _train(config, run, progress, log)
+        return _train(config, run, progress, log, world, device)
     finally:
         run.release()
 
 
 def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
-           log: Callable[[str], None] | None) -> dict:
-    device = resolve_device(config.device)
+           log: Callable[[str], None] | None, world: World, device: torch.device) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     data = load_dataset(config.dataset, config.data_dir)
@@ -311,6 +458,9 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
     if config.batch_size > train_size:
         raise FwdTransError(f"batch_size={config.batch_size} is larger than the {train_size} training images. "
                             "Fix: lower --batch-size or raise --limit.")
+    if config.batch_size < world.size:
+        raise FwdTransError(f"batch_size={config.batch_size} is smaller than the {world.size} ranks sharing each "
+                            "batch. Fix: raise --batch-size (the global batch), or run fewer ranks.")
     identity = _data_identity(data, train_size)
     recorded = run.read_config() if run is not None else None
     if recorded is not None:
@@ -339,23 +489,26 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
     if epoch > config.epochs:
         raise FwdTransError(f"{run.path} has already trained {epoch} epochs; epochs={config.epochs} cannot shrink it. "
                             f"Fix: pass --epochs {epoch} or more.")
+    world.barrier("after reading the run directory")  # every rank has read it before rank 0 writes to it
     method = converted.method
     segment = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
                "threads": torch.get_num_threads(), "compile": config.compile, "epochs": config.epochs,
-               "start_epoch": epoch, "start_step": step, "versions": _versions()}
-    if run is not None:
+               "ranks": world.size, "start_epoch": epoch, "start_step": step, "versions": _versions()}
+    if run is not None and world.main:
         write_json(run.config, {"format": FORMAT, "config": config.to_dict(), "data": identity,
                                 "method": method.to_dict(), "cuts": list(converted.cut_names),
                                 "segments": [*(recorded or {}).get("segments", []), segment]})
         run.rewrite_metrics(history)  # exactly the epochs the checkpoint holds
-    writer = _tensorboard(run) if config.tensorboard and run is not None else None
+    writer = _tensorboard(run) if config.tensorboard and run is not None and world.main else None
 
-    def save(batch: int) -> None:
+    def save(batch: int) -> None:  # rank 0's: every rank holds the same state
+        if not world.main:
+            return
         save_checkpoint(run.checkpoint, {"format": FORMAT, "epoch": epoch, "batch": batch, "step": step,
                                          "model": converted.state_dict(), "optimizer": optimizer.state_dict(),
                                          "rng": _rng_state(converted), "sums": running.sums, "history": history})
 
-    step_fn = converted.train_step(optimizer, compile=config.compile)
+    step_fn = converted.train_step(optimizer, compile=config.compile, sync_batchnorm=config.sync_batchnorm)
     step_seconds: list[float] = []
     began = time.perf_counter()
     while epoch < config.epochs:
@@ -363,7 +516,7 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
         converted.train()
         it = batches(train_x, train_y, config.batch_size, mean=data.mean, std=data.std, shuffle=True,
                      augment=config.augment and data.augment, generator=epoch_generator(config.seed, epoch),
-                     drop_last=True, start=start)
+                     drop_last=True, start=start, shard=(world.rank, world.size))
         if progress is not None:
             it = progress(it, total=per_epoch, initial=start, desc=f"epoch {epoch + 1}/{config.epochs}")
         for batch, (xb, yb) in enumerate(it, start):
@@ -374,7 +527,7 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
             diagnostics = {}
             if config.diagnostics_every and step % config.diagnostics_every == 0:
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    diagnostics = fwdtrans.check(converted, (xb, yb)).metrics()
+                    diagnostics = world.mean(fwdtrans.check(converted, (xb, yb)).metrics())
             t0 = time.perf_counter()
             metrics = step_fn(xb, yb)
             values = {f"train_{k}": float(v) for k, v in metrics.items()}  # train_loss, train_loss/head0, ...
@@ -387,13 +540,13 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
                     and batch + 1 < per_epoch:
                 with deferred_interrupts():
                     save(batch + 1)
-        tested = evaluate(converted, test_x, test_y, data.mean, data.std, heads=method.trains_heads)
+        tested = evaluate(converted, test_x, test_y, data.mean, data.std, heads=method.trains_heads, world=world)
         epoch += 1
         record = {"epoch": epoch, "step": step, "lr": lr, **running.means(), **tested,
                   "seconds": time.perf_counter() - tick}
         history.append(record)
         start, running = 0, _Epoch()
-        if run is not None:
+        if run is not None and world.main:
             with deferred_interrupts():  # the checkpoint holds the epoch before metrics.jsonl does
                 save(0)
                 run.append_metrics(record)
@@ -407,7 +560,8 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
                 f"{record['test_loss']:.4f}  test accuracy {record['test_accuracy']:.2%}  ({record['seconds']:.0f} s)")
     if writer is not None:
         writer.close()
-    probes = _probe(converted, config, data, (train_x, train_y), (test_x, test_y)) if config.probe_epochs else {}
+    probes = _probe(converted, config, data, (train_x, train_y), (test_x, test_y)) \
+        if config.probe_epochs and world.main else {}  # rank 0's, on the whole data
     summary = {
         "config": config.to_dict(),
         "method": method.to_dict(),
@@ -422,9 +576,10 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
                              else step_seconds[0] if step_seconds else None),
         "seconds": time.perf_counter() - began,
         "device": str(device),
+        "ranks": world.size,
         "versions": _versions(),
     }
-    if run is not None:
+    if run is not None and world.main:
         save_torch(run.model, converted.original_state_dict())
         write_json(run.summary, summary)
     return summary

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
+from .._distributed import GroupFailure
 from .._errors import FwdTransError
 from ._batches import num_batches
-from ._loop import TrainConfig, build, resolve_device, train
+from ._loop import TrainConfig, build, join_group, resolve_device, train
 from ._report import write_report
 from ._rundir import FORMAT, RunDir, write_json
 from ._studyspec import Cell, StudySpec, cells
@@ -41,21 +42,31 @@ def run_study(spec: StudySpec, out: str | os.PathLike, *, data_dir: str | None =
     """Run (or resume) every cell of ``spec`` under ``out``; write the report; return the cells.
 
     ``jobs > 1`` runs that many cells at once in separate processes (on a CPU, each with
-    ``threads`` or an equal share of the cores).
+    ``threads`` or an equal share of the cores). Under ``torchrun`` every rank runs every cell, data
+    parallel, one at a time; rank 0 alone writes the study's files and logs.
     """
     if jobs < 1:
         raise FwdTransError(f"jobs={jobs}: use at least 1.")
-    resolve_device(device)
     study_cells = cells(spec, data_dir=data_dir, device=device, threads=threads)
+    timeout = max((c.config.dist_timeout for c in study_cells), default=TrainConfig.dist_timeout)
+    world, _ = join_group(resolve_device(device), timeout)  # under torchrun: the study's dist_timeout
+    if world.size > 1 and jobs > 1:
+        raise FwdTransError(f"jobs={jobs} under torchrun ({world.size} ranks): the ranks run each cell together. Fix: "
+                            "--jobs 1.")
+    if not world.main:
+        log, progress = (lambda line: None), None
     out = Path(out)
-    _record(spec, study_cells, out)
     todo = [c for c in study_cells if status(c, out)[0] != "done"]
+    world.barrier("before the study's files are written")  # every rank has read the runs' status
+    if world.main:
+        _record(spec, study_cells, out)
+    report = write_report if world.main else (lambda *args: None)
     log(f"study {spec.name}: {len(study_cells)} runs, {len(study_cells) - len(todo)} finished, {len(todo)} to run")
     if jobs == 1:
         for i, cell in enumerate(todo):
             log(f"[{i + 1}/{len(todo)}] {cell.name}")
-            _run_cell(cell, out, progress=progress, log=log)
-            write_report(spec, study_cells, out)
+            _run_cell(cell, out, progress=progress, log=log, main=world.main)
+            report(spec, study_cells, out)
     else:
         per_job = threads or max(1, (os.cpu_count() or 1) // jobs)
         context = multiprocessing.get_context("spawn")
@@ -65,21 +76,25 @@ def run_study(spec: StudySpec, out: str | os.PathLike, *, data_dir: str | None =
             for future in concurrent.futures.as_completed(futures):
                 log(f"{futures[future].name}: {future.result()}")
                 write_report(spec, study_cells, out)
-    write_report(spec, study_cells, out)
+    report(spec, study_cells, out)
     return study_cells
 
 
-def _run_cell(cell: Cell, out: Path, progress: Callable | None = None, log: Callable | None = None) -> str:
+def _run_cell(cell: Cell, out: Path, progress: Callable | None = None, log: Callable | None = None,
+              main: bool = True) -> str:
     run = out / "runs" / cell.name
     failed = run / "failed.json"
     try:
         summary = train(cell.config, run_dir=str(run), progress=progress, log=log)
+    except GroupFailure:
+        raise  # a rank failed or died: the next cells cannot run either
     except FwdTransError as e:
-        write_json(failed, {"error": str(e), "epochs": len(RunDir(run).read_metrics())})
+        if main:
+            write_json(failed, {"error": str(e), "epochs": len(RunDir(run).read_metrics())})
         if log is not None:
             log(f"  failed: {e}")
         return f"failed: {e}"
-    if failed.exists():
+    if failed.exists() and main:
         failed.unlink()
     return f"test accuracy {summary['test_accuracy']:.2%}"
 
@@ -164,7 +179,8 @@ def _measure(config: TrainConfig) -> float:
         torch.set_num_threads(config.threads)
     _, shape, classes = _DATA[config.dataset]
     converted = build(config, shape, classes).to(device)
-    step = converted.train_step(torch.optim.SGD(converted.parameters(), lr=1e-3), compile=config.compile)
+    step = converted.train_step(torch.optim.SGD(converted.parameters(), lr=1e-3), compile=config.compile,
+                                distributed=False)  # one process's step time
     x, y = torch.randn(config.batch_size, *shape, device=device), torch.randint(0, classes, (config.batch_size,),
                                                                                   device=device)
     step(x, y)
