@@ -161,7 +161,7 @@ def of_blocks(method: Method, blocks: Sequence[nn.Module], heads: Sequence[nn.Mo
     for h, cut in zip(heads, cuts, strict=False):
         try:
             head.append(float(head_flops(h, tuple(cut.shape[1:]))))
-        except Exception:  # a head that takes several tensors: FLOPs unknown, counted as free
+        except (RuntimeError, TypeError, ValueError):  # a head that takes several tensors: FLOPs unknown, free
             head.append(0.0)
     sizes = [sum(math.prod(s) for s in cut.shapes) for cut in cuts] + [0]
     tensors = [sum(1 for p in b.parameters() if p.requires_grad) for b in blocks]

@@ -51,7 +51,7 @@ import contextvars
 import datetime
 import math
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -159,7 +159,7 @@ class _AllReduce(torch.autograd.Function):
     which is the same on every rank: every rank runs the same transforms over the same blocks."""
 
     @staticmethod
-    def forward(x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+    def forward(x: Tensor, group: Any) -> Tensor:
         out = x.clone(memory_format=torch.contiguous_format)
         _all_reduce(out, group, "BatchNorm statistics' all-reduce")
         return out
@@ -169,15 +169,15 @@ class _AllReduce(torch.autograd.Function):
         ctx.group = inputs[1]
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return _AllReduce.apply(grad, ctx.group), None
 
     @staticmethod
-    def jvp(ctx: Any, tangent: Tensor, _: Any) -> Tensor:  # type: ignore[override]
+    def jvp(ctx: Any, tangent: Tensor, _: Any) -> Tensor:
         return _AllReduce.apply(tangent, ctx.group)
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, x: Tensor, group: Any) -> tuple[Tensor, int | None]:  # type: ignore[override]
+    def vmap(info: Any, in_dims: tuple, x: Tensor, group: Any) -> tuple[Tensor, int | None]:
         return _AllReduce.apply(x, group), in_dims[0]
 
 
@@ -417,7 +417,7 @@ class Reducer:
         if sweep.method.space != "weight":
             return
         blocks = [b for b in sweep.blocks[:-1] if b.values is not None]
-        reduced = _weighted_mean([b.values for b in blocks], sweep.y.shape[0], self.group,
+        reduced = _weighted_mean([cast(Tensor, b.values) for b in blocks], sweep.y.shape[0], self.group,
                                  "all-reduce of the directional derivatives")
         for b, v in zip(blocks, reduced, strict=True):
             b.values = v

@@ -5,8 +5,9 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from models import generated_models, heads_for
 
 import fwdtrans
 from fwdtrans import Cost, FwdTransError, Method
@@ -142,6 +143,24 @@ def test_convert_sets_the_cost_inspect_predicts(resnet):
     converted = fwdtrans.convert(model, x, blocks=model.paper_cuts(), heads="cnn", method=method)
     assert converted.cost == _inspect(resnet, method).cost
     assert converted.cost.streams == 14
+
+
+@pytest.mark.filterwarnings("ignore:.*tangent streams per step")
+@settings(max_examples=10, deadline=None)
+@given(sample=generated_models(), method=_methods(), data=st.data())
+def test_convert_and_inspect_agree_on_any_model(sample, method, data):
+    model, x, _ = sample
+    points = fwdtrans.inspect(model, x).points
+    assume(points)  # one block has no cut: convert refuses blocks=1
+    blocks = data.draw(st.integers(2, min(4, len(points) + 1)), label="blocks")
+    heads = data.draw(st.sampled_from(heads_for(model)), label="heads")
+    converted = fwdtrans.convert(model, x, blocks=blocks, heads=heads, method=method)
+    cost = fwdtrans.inspect(model, x, blocks=blocks, heads=heads, method=method).cost
+    assert converted.cost == cost
+    tensors = [sum(1 for p in b.parameters() if p.requires_grad) for b in converted.blocks]
+    assert cost.streams == dataclasses.replace(method, engine="forward").stream_count(blocks, len(x), tensors)
+    assert fwdtrans.inspect(model, x, blocks=blocks, heads=heads, method=method, batch=3 * len(x)).cost.streams == (
+        dataclasses.replace(method, engine="forward").stream_count(blocks, 3 * len(x), tensors))
 
 
 def test_the_stream_warning_names_the_cheaper_engine(resnet):
