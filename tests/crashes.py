@@ -13,6 +13,7 @@ def run_until(argv: list[str], steps: int, how: str = "crash") -> subprocess.Com
     script = textwrap.dedent(f"""
         import os, signal, sys, fwdtrans
         from fwdtrans.app import main
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal, even from a background job
         original, taken = fwdtrans.Converted.train_step, [0]
         def train_step(self, optimizer, **kwargs):
             step = original(self, optimizer, **kwargs)

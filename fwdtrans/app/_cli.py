@@ -250,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         where = getattr(args, "run_dir", None)
-        print("fwdtrans: interrupted" + (f"; {where} keeps its last checkpoint: run the same command to resume."
-                                         if where else "."), file=sys.stderr)
+        _say("fwdtrans: interrupted" + (f"; {where} keeps its last checkpoint: run the same command to resume."
+                                        if where else "."), file=sys.stderr)  # rank 0 alone, under torchrun
         return 130
     finally:
         if main_thread:
