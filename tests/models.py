@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from hypothesis import assume
 from hypothesis import strategies as st
 from torch import nn
 
@@ -83,6 +84,16 @@ def heads_for(model) -> list:
         return spec.build(shape, classes)
 
     return ["linear", fwdtrans.heads.MLPHead(width=6, depth=1), cnn_or_linear]
+
+
+def draw_plan(data, model, x, most: int | None = None) -> tuple[int, object]:
+    """Draw a block count (2 to one more than the cut points, at most ``most``) and a head of
+    :func:`heads_for` for ``model``; a model with no cut point is skipped (one block has no cut)."""
+    points = fwdtrans.inspect(model, x).points
+    assume(points)
+    top = len(points) + 1 if most is None else min(most, len(points) + 1)
+    blocks = data.draw(st.integers(2, top), label="blocks")
+    return blocks, data.draw(st.sampled_from(heads_for(model)), label="heads")
 
 
 def grads(module: nn.Module) -> dict[str, torch.Tensor | None]:

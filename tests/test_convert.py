@@ -4,18 +4,15 @@ import copy
 
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
-from models import generated_models, heads_for
+from models import draw_plan, generated_models
 
 import fwdtrans
 
 
 def _convert(model, x, data, **kw):
-    points = fwdtrans.inspect(model, x).points
-    assume(points)  # one block has no cut: convert refuses blocks=1
-    blocks = data.draw(st.integers(2, len(points) + 1), label="blocks")
-    heads = data.draw(st.sampled_from(heads_for(model)), label="heads")
+    blocks, heads = draw_plan(data, model, x)
     return fwdtrans.convert(model, x, blocks=blocks, heads=heads, **kw), blocks
 
 

@@ -5,9 +5,9 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import generated_models, heads_for
+from models import draw_plan, generated_models
 
 import fwdtrans
 from fwdtrans import Cost, FwdTransError, Method
@@ -150,10 +150,7 @@ def test_convert_sets_the_cost_inspect_predicts(resnet):
 @given(sample=generated_models(), method=_methods(), data=st.data())
 def test_convert_and_inspect_agree_on_any_model(sample, method, data):
     model, x, _ = sample
-    points = fwdtrans.inspect(model, x).points
-    assume(points)  # one block has no cut: convert refuses blocks=1
-    blocks = data.draw(st.integers(2, min(4, len(points) + 1)), label="blocks")
-    heads = data.draw(st.sampled_from(heads_for(model)), label="heads")
+    blocks, heads = draw_plan(data, model, x, most=4)
     converted = fwdtrans.convert(model, x, blocks=blocks, heads=heads, method=method)
     cost = fwdtrans.inspect(model, x, blocks=blocks, heads=heads, method=method).cost
     assert converted.cost == cost

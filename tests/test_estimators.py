@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
-from models import assert_gradients_match, generated_models, grads, heads_for, mixes_samples, reference_gradients
+from models import assert_gradients_match, draw_plan, generated_models, grads, mixes_samples, reference_gradients
 
 import fwdtrans
 
@@ -18,10 +18,7 @@ def _rel(a, b):
 
 def _converted(sample, data, **method):
     model, x, y = sample
-    points = fwdtrans.inspect(model, x).points
-    assume(points)  # one block has no cut: convert refuses blocks=1
-    blocks = data.draw(st.integers(2, len(points) + 1), label="blocks")
-    heads = data.draw(st.sampled_from(heads_for(model)), label="heads")
+    blocks, heads = draw_plan(data, model, x)
     return fwdtrans.convert(model, x, blocks=blocks, heads=heads, **method)
 
 
