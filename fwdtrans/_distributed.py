@@ -65,8 +65,8 @@ if TYPE_CHECKING:
     from ._method import Method
     from ._plan import Plan
 
-__all__ = ["BUCKET_BYTES", "GroupFailure", "Reducer", "broadcast_state", "enable_sync_batchnorm", "group_rank",
-           "resolve", "sync_problems"]
+__all__ = ["BUCKET_BYTES", "GroupFailure", "Reducer", "broadcast_state", "enable_sync_batchnorm", "failure",
+           "group_rank", "resolve", "sync_problems"]
 
 BUCKET_BYTES = 25 * 2**20  # gradients sent per all-reduce during the eager step (DDP's default bucket size)
 
@@ -78,10 +78,11 @@ class GroupFailure(FwdTransError):
     """A collective of the data-parallel step failed: another rank raised, died or timed out."""
 
 
-def _failure(error: BaseException, what: str, group: Any = None) -> GroupFailure:
+def failure(error: BaseException, what: str, group: Any = None) -> GroupFailure:
+    """The :class:`GroupFailure` of a collective (``what``) that raised ``error``."""
     rank = dist.get_rank(group) if dist.is_initialized() else "?"
     return GroupFailure(
-        f"data-parallel step, rank {rank}: the {what} failed ({type(error).__name__}: {str(error).strip()[:400]}). "
+        f"data-parallel run, rank {rank}: the {what} failed ({type(error).__name__}: {str(error).strip()[:400]}). "
         "Another rank raised, died or did not answer within the process group's timeout, or the group is "
         "misconfigured. Fix: read the first error among the ranks' outputs; every rank must run the same "
         "steps with the same model, method and batch structure.")
@@ -116,7 +117,7 @@ def _all_reduce(flat: Tensor, group: Any, what: str, async_op: bool = False) -> 
         return dist.all_reduce(flat, group=group, async_op=async_op)
     except RuntimeError as e:
         if _collective_error(e):
-            raise _failure(e, what, group) from e
+            raise failure(e, what, group) from e
         raise
 
 
@@ -357,7 +358,7 @@ class Reducer:
             yield
         except RuntimeError as e:
             if _collective_error(e):
-                raise _failure(e, "step's collectives", self.group) from e
+                raise failure(e, "step's collectives", self.group) from e
             raise
         finally:
             _SYNC.reset(token)
@@ -468,7 +469,7 @@ class Reducer:
             counted.wait()
         except RuntimeError as e:
             if _collective_error(e):
-                raise _failure(e, "wait for the step's all-reduces", self.group) from e
+                raise failure(e, "wait for the step's all-reduces", self.group) from e
             raise
         total = flat[-1]
         grads, buffers = dict(grads), dict(buffers)
@@ -505,7 +506,7 @@ def broadcast_state(converted: Converted, group: Any) -> None:
             converted.generator.set_state(state.cpu())
     except RuntimeError as e:
         if _collective_error(e):
-            raise _failure(e, "broadcast of rank 0's parameters", group) from e
+            raise failure(e, "broadcast of rank 0's parameters", group) from e
         raise
 
 

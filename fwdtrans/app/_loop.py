@@ -216,10 +216,7 @@ class World:
         try:
             dist.barrier(group=self.group)
         except RuntimeError as e:
-            raise _distributed.GroupFailure(f"rank {self.rank} of {self.size}: waiting for the other ranks {what} "
-                                            f"failed ({str(e).strip()[:300]}). Another rank failed, died or did not "
-                                            "come within --dist-timeout. Fix: read the first error among the ranks' "
-                                            "outputs.") from e
+            raise _distributed.failure(e, f"wait for the other ranks {what}", self.group) from e
 
     def agree(self, error: FwdTransError | None, what: str) -> None:
         """Raise on every rank when ``what`` failed on any (``error``: this rank's failure, or ``None``): this
@@ -249,9 +246,7 @@ class World:
         try:
             dist.all_reduce(flat, group=self.group)
         except RuntimeError as e:
-            raise _distributed.GroupFailure(f"rank {self.rank} of {self.size}: adding up values over the ranks failed "
-                                            f"({str(e).strip()[:300]}). Another rank failed, died or did not answer "
-                                            "within --dist-timeout.") from e
+            raise _distributed.failure(e, "sum of values over the ranks", self.group) from e
         return {k: float(v) for k, v in zip(keys, flat.tolist(), strict=True)}
 
 
