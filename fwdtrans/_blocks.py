@@ -19,6 +19,8 @@ from torch._functorch import eager_transforms as _et  # torch.func.vjp's buildin
 from torch.func import functional_call, jvp
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from . import _tangents
+
 vmap: Callable[..., Any] = torch.func.vmap  # its stub refuses out_dims entries of None
 
 __all__ = ["State", "as_inputs", "call", "norm_affine", "push", "push_params", "replaying", "rng_state", "state",
@@ -103,13 +105,20 @@ def norm_affine(block: nn.Module) -> tuple[str, ...]:
 def push(block: nn.Module, h: Tensor, streams: Tensor, st: State | None = None) -> tuple[Tensor, Tensor, dict]:
     """Run ``block`` on ``h`` and push the tangent ``streams`` (``(S, *h.shape)``) through it.
 
-    Returns ``(out, tangents, new_buffers)``; the primal is computed once, dropout draws one mask for
-    the primal and every stream. Under ``torch.compile`` the normalisation layers' affine parameters
-    join the ``jvp`` primals with zero tangents: torch 2.13 fails to compile a BatchNorm whose input
-    carries a tangent while its weight does not (pytorch/pytorch#139756).
+    Returns ``(out, tangents, new_buffers)``; the primal is computed once. A block whose every node has a
+    tangent rule (:mod:`fwdtrans._tangents`) is interpreted with them; any other runs under
+    ``vmap(jvp)``, where dropout draws one mask for the primal and every stream, and, under
+    ``torch.compile``, the normalisation layers' affine parameters join the ``jvp`` primals with zero
+    tangents: torch 2.13 fails to compile a BatchNorm whose input carries a tangent while its weight does
+    not (pytorch/pytorch#139756).
     """
     trained, frozen, buffers = st or state(block)
     params = {**frozen, **trained}
+    prog = _tangents.program(block)
+    if prog is not None:
+        out, tangents, new = _tangents.push(prog, params, buffers, (h,), streams)
+        assert tangents is not None
+        return out, tangents, new
     dual = {k: params[k] for k in norm_affine(block) if k in params} if torch.compiler.is_compiling() else {}
     zeros = {k: torch.zeros_like(v) for k, v in dual.items()}
 
@@ -121,9 +130,10 @@ def push(block: nn.Module, h: Tensor, streams: Tensor, st: State | None = None) 
     return out, tangents, {k: b[0] for k, b in new.items()}
 
 
-def push_params(block: nn.Module, h: tuple, directions: Sequence[Tensor], st: State | None = None,
-                rng: list[Tensor] | None = None) -> Tensor:
-    """``J_theta block(h) . v`` for each of the ``S`` directions (``(S, *p)`` per trained parameter).
+def push_params(block: nn.Module, h: tuple, directions: Sequence[tuple[int, Tensor]], streams: int,
+                st: State | None = None, rng: list[Tensor] | None = None) -> Tensor:
+    """``J_theta block(h) . v`` for ``streams`` directions ``v``: per trained parameter, ``(first, (s, *p))``
+    gives its direction in streams ``first .. first + s`` (zero in the others).
 
     This runs the block again: ``rng`` (the random state its forward started from, see
     :func:`rng_state`) makes it draw the forward's dropout masks again, and leaves the random state
@@ -131,13 +141,22 @@ def push_params(block: nn.Module, h: tuple, directions: Sequence[Tensor], st: St
     """
     trained, frozen, buffers = st or state(block)
     names = list(trained)
+    prog = _tangents.program(block)
+    if prog is not None:
+        out, tangents, _ = _tangents.push(prog, {**frozen, **trained}, buffers, h,
+                                          directions=dict(zip(names, directions, strict=True)), streams=streams)
+        return tangents if tangents is not None else out.new_zeros(streams, *out.shape)
+    dense = []
+    for (first, v), p in zip(directions, trained.values(), strict=True):
+        rows = [p.new_zeros(first, *p.shape), v, p.new_zeros(streams - first - v.shape[0], *p.shape)]
+        dense.append(torch.cat([r for r in rows if r.shape[0]]) if v.shape[0] < streams else v)
 
     def one(*v: Tensor) -> Tensor:
         return jvp(lambda *p: call(block, {**frozen, **dict(zip(names, p, strict=True))}, buffers, *h)[0],
                    tuple(trained.values()), v)[1]
 
     with replaying(rng):
-        return vmap(one, randomness="same")(*directions)
+        return vmap(one, randomness="same")(*dense)
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 from torch.func import vmap
 
-from . import _persample
+from . import _persample, _tangents
 from ._blocks import call, push, replaying, rng_state, state, vjp
 from ._errors import FwdTransError
 from ._guesses import guess_for
@@ -89,8 +89,11 @@ def check_compilable(plan: Plan) -> None:
 
 
 def before_compiled_step(plan: Plan, inputs: tuple) -> None:
-    """Eager work a compiled step of ``plan`` needs done first, on this step's ``inputs`` (the per-sample
-    weight space builds its blocks' rewritten graphs and the shapes of their deltas: Dynamo traces neither)."""
+    """Eager work a compiled step of ``plan`` needs done first, on this step's ``inputs`` (the blocks'
+    tangent programs; the per-sample weight space builds its blocks' rewritten graphs and the shapes of their
+    deltas: Dynamo traces none of these)."""
+    for block in plan.blocks:
+        _tangents.program(block)
     if plan.method.kind == "projected":
         space_for(plan.method).warm(plan, inputs)
 

@@ -252,7 +252,9 @@ class Weight(Space):
                 for i, vi in enumerate(b.directions)]
 
     def origin(self, sweep, j, b):
-        return push_params(sweep.plan.blocks[j], b.inputs, self.streams(b), sweep.states[j], b.rng)
+        first = {i: u * self.k for u, unit in enumerate(b.units) for i in unit}  # a parameter is in one unit
+        directions = [(first[i], vi) for i, vi in enumerate(b.directions)]
+        return push_params(sweep.plan.blocks[j], b.inputs, directions, len(b.units) * self.k, sweep.states[j], b.rng)
 
     def reference_values(self, sweep, j, b, cotangent):
         grads = list(sweep.target_param_grads(j, cotangent).values())

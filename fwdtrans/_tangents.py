@@ -1,0 +1,347 @@
+"""Tangent rules: a block's forward and the forward derivative of many tangent streams at once, node by node.
+
+``torch.func.jvp`` under ``vmap`` pushes streams through any block, but it computes each op's tangent from
+the op's generic decomposition, one batching rule at a time: a train-mode BatchNorm's tangent costs several
+times its hand-derived formula, and under the sweep's ``vjp`` every tangent op is recorded for a backward
+that never reads it. For a block made only of the layers below (a ResNet's, a VGG's, an MLP's),
+:func:`push` interprets its fx graph instead: each node's primal as the layer computes it, and the tangents
+of all ``S`` streams, stacked ``(S, B, ...)``, from the layer's derivative written out (convolutions and
+linear layers run once on the streams folded into the batch; BatchNorm's tangent from the statistics its
+forward already computed), outside autograd. Parameter directions enter at the layers that use them.
+
+Any other node (dropout, whose masks ``vmap`` draws; a synchronised BatchNorm; an unknown function) leaves
+the block to ``torch.func``: :func:`program` returns ``None``. Both paths agree to float64 rounding
+(``tests/test_tangents.py``).
+
+Adding a layer: a rule ``(ctx, node, primals, tangents) -> (out, tangent)`` in :data:`_MODULES`,
+:data:`_FUNCTIONS` or :data:`_METHODS`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+__all__ = ["Program", "program", "push"]
+
+_ATTR = "_fwdtrans_tangent_program"
+
+
+@dataclass
+class _Ctx:
+    """One run of a program: the block's parameters and (cloned) buffers by name, the stream count, and
+    the parameter directions ``name -> (first stream, (s, *p))``."""
+
+    params: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    streams: int
+    directions: dict[str, tuple[int, Tensor]]
+
+    def param(self, prefix: str, name: str) -> Tensor | None:
+        return self.params.get(f"{prefix}.{name}" if prefix else name)
+
+    def has(self, prefix: str, name: str) -> bool:
+        """Whether the parameter has a direction."""
+        return (f"{prefix}.{name}" if prefix else name) in self.directions
+
+    def buffer(self, prefix: str, name: str) -> Tensor | None:
+        return self.buffers.get(f"{prefix}.{name}" if prefix else name)
+
+    def with_directions(self, prefix: str, out: Tensor, tangent: Tensor | None,
+                        terms: Sequence[tuple[str, Callable[[Tensor], Tensor]]]) -> Tensor | None:
+        """``tangent`` plus each parameter direction's image ``term(v)`` ``(s, *out)``, on its streams' rows."""
+        for name, term in terms:
+            entry = self.directions.get(f"{prefix}.{name}" if prefix else name)
+            if entry is None:
+                continue
+            first, v = entry
+            image = term(v)
+            if tangent is None and first == 0 and v.shape[0] == self.streams:
+                tangent = image
+                continue
+            if tangent is None:
+                tangent = out.new_zeros(self.streams, *out.shape)
+            tangent[first:first + v.shape[0]] += image
+        return tangent
+
+
+def _fold(f: Callable[[Tensor], Tensor], t: Tensor) -> Tensor:
+    """``f`` on streams ``(S, B, ...)`` folded into the batch."""
+    return f(t.flatten(0, 1)).unflatten(0, t.shape[:2])
+
+
+def _per_channel(c: Tensor, dims: int, streams: bool = True) -> Tensor:
+    """A ``(S, C)`` (or ``(C,)``) tensor shaped to broadcast over ``(S, B, C, *spatial)`` (or ``(B, C, ...)``)."""
+    return c.reshape(*c.shape[:-1], *([1] if streams else []), c.shape[-1], *([1] * dims))
+
+
+# ----------------------------------------------------------------------------- rules
+# A rule: (ctx, prefix (the module's name), module or None, primal args, their tangents) -> (out, tangent).
+# The primal runs as the layer's own forward does (recorded by an enclosing vjp); the tangent inside
+# _untracked().
+Rule = Callable[[_Ctx, str, Any, list, list], tuple[Tensor, Tensor | None]]
+
+
+@contextlib.contextmanager
+def _untracked() -> Iterator[None]:
+    """Tangent work is never differentiated: outside autograd (and the sweep's ``vjp``); inside a compiled
+    graph, as is."""
+    if torch.compiler.is_compiling():
+        yield
+    else:
+        with torch.no_grad():
+            yield
+
+
+def _conv(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tensor, Tensor | None]:
+    (x,), (t,) = args, ts
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.dim() - 2]
+    w, b = ctx.param(prefix, "weight"), ctx.param(prefix, "bias")
+    assert w is not None
+    out = conv(x, w, b, m.stride, m.padding, m.dilation, m.groups)
+
+    def apply(z: Tensor, weight: Tensor) -> Tensor:
+        return conv(z, weight, None, m.stride, m.padding, m.dilation, m.groups)
+
+    def weight_term(v: Tensor) -> Tensor:  # conv(x, v_s) for every direction s, as one convolution
+        s, g = v.shape[0], m.groups
+        stacked = v.unflatten(1, (g, -1)).transpose(0, 1).flatten(0, 2)  # (g * s * Cout/g, Cin/g, *k)
+        return apply(x, stacked).unflatten(1, (g, s, -1)).movedim(2, 0).flatten(2, 3)  # (s, B, Cout, *sp)
+
+    with _untracked():
+        tangent = None if t is None else _fold(lambda z: apply(z, w), t)
+        return out, ctx.with_directions(prefix, out, tangent, [
+            ("weight", weight_term), ("bias", lambda v: _per_channel(v, x.dim() - 2).expand(-1, *out.shape))])
+
+
+def _linear(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tensor, Tensor | None]:
+    (x,), (t,) = args, ts
+    w, b = ctx.param(prefix, "weight"), ctx.param(prefix, "bias")
+    assert w is not None
+    out = F.linear(x, w, b)
+    lead = [1] * (x.dim() - 2)
+    with _untracked():
+        tangent = None if t is None else t @ w.T
+        return out, ctx.with_directions(prefix, out, tangent, [
+            ("weight", lambda v: x @ v.mT.reshape(v.shape[0], *lead, v.shape[2], v.shape[1])),
+            ("bias", lambda v: v.reshape(v.shape[0], *lead, 1, -1).expand(-1, *out.shape))])
+
+
+def _batch_norm(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tensor, Tensor | None]:
+    """The module's forward (running statistics updated as it does), and the tangent of ``w * xhat + b``:
+    with batch statistics ``(t - mean(t) - xhat * mean(t * xhat)) * w / sigma``, else ``t * w / sigma``."""
+    (x,), (t,) = args, ts
+    w, b = ctx.param(prefix, "weight"), ctx.param(prefix, "bias")
+    mean, var = ctx.buffer(prefix, "running_mean"), ctx.buffer(prefix, "running_var")
+    tracked = ctx.buffer(prefix, "num_batches_tracked")
+    factor = 0.0 if m.momentum is None else m.momentum
+    if m.training and m.track_running_stats and tracked is not None:
+        tracked.add_(1)
+        factor = 1.0 / float(tracked) if m.momentum is None else m.momentum
+    batch_stats = m.training or (mean is None and var is None)
+    keep = not m.training or m.track_running_stats
+    out, save_mean, save_invstd = torch.native_batch_norm(
+        x, w, b, mean if keep else None, var if keep else None, batch_stats, factor, m.eps)
+    dims = x.dim() - 2
+    with _untracked():
+        if batch_stats:
+            invstd, centre = save_invstd, save_mean
+        else:
+            assert mean is not None and var is not None
+            invstd, centre = torch.rsqrt(var + m.eps), mean
+        scale = _per_channel(invstd if w is None else invstd * w, dims, False)
+        xhat = None
+        if (batch_stats and t is not None) or ctx.has(prefix, "weight"):
+            xhat = (x - _per_channel(centre, dims, False)) * _per_channel(invstd, dims, False)
+        tangent = None
+        if t is not None and batch_stats:
+            reduce = (1, *range(3, t.dim()))
+            n = x.numel() // x.shape[1]
+            assert xhat is not None
+            t_mean, tx_mean = t.sum(reduce) / n, (t * xhat).sum(reduce) / n
+            tangent = torch.addcmul(t, xhat, _per_channel(tx_mean, dims), value=-1)
+            tangent = tangent.sub_(_per_channel(t_mean, dims)).mul_(scale)
+        elif t is not None:
+            tangent = t * scale
+        return out, ctx.with_directions(prefix, out, tangent, [
+            ("weight", lambda v: cast(Tensor, xhat) * _per_channel(v, dims)),
+            ("bias", lambda v: _per_channel(v, dims).expand(-1, *out.shape))])
+
+
+def _relu(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tensor, Tensor | None]:
+    out = F.relu(args[0])
+    with _untracked():
+        return out, None if ts[0] is None else ts[0] * (out > 0)
+
+
+def _identity(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tensor, Tensor | None]:
+    return args[0], ts[0]
+
+
+def _pool(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tensor, Tensor | None]:
+    """A layer linear in its input, without parameters (average pooling)."""
+    out = m(args[0])
+    with _untracked():
+        return out, None if ts[0] is None else _fold(m, ts[0])
+
+
+def _max_pool(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tensor, Tensor | None]:
+    (x,), (t,) = args, ts
+    out, index = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True)
+    if t is None:
+        return out, None
+    with _untracked():
+        flat = index.flatten(-2).expand(t.shape[0], *index.shape[:-2], -1)
+        return out, t.flatten(-2).gather(-1, flat).view(t.shape[0], *out.shape)
+
+
+def _flatten(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tensor, Tensor | None]:
+    """``torch.flatten``; the streams' dimension shifts every non-negative dimension by one."""
+    x, t = args[0], ts[0]
+    start, end = (m.start_dim, m.end_dim) if m is not None else [*args[1:], *[0, -1][len(args) - 1:]]
+    shift = (start + 1 if start >= 0 else start, end + 1 if end >= 0 else end)
+    return torch.flatten(x, start, end), None if t is None else torch.flatten(t, *shift)
+
+
+def _add(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tensor, Tensor | None]:
+    a, b = args
+    out = a + b
+    with _untracked():
+        terms = [t.view(t.shape[0], *([1] * (out.dim() - t.dim() + 1)), *t.shape[1:]) for t in ts if t is not None]
+        if not terms:
+            return out, None
+        tangent = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        return out, tangent if tangent.shape[1:] == out.shape else tangent.expand(-1, *out.shape)
+
+
+_MODULES: dict[type, Rule] = {
+    nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Conv3d: _conv, nn.Linear: _linear,
+    nn.BatchNorm1d: _batch_norm, nn.BatchNorm2d: _batch_norm, nn.BatchNorm3d: _batch_norm,
+    nn.ReLU: _relu, nn.Identity: _identity, nn.MaxPool2d: _max_pool, nn.Flatten: _flatten,
+    nn.AdaptiveAvgPool1d: _pool, nn.AdaptiveAvgPool2d: _pool, nn.AdaptiveAvgPool3d: _pool,
+    nn.AvgPool1d: _pool, nn.AvgPool2d: _pool, nn.AvgPool3d: _pool,
+}
+_FUNCTIONS: dict[Any, Rule] = {operator.add: _add, torch.add: _add, F.relu: _relu, torch.relu: _relu,
+                               torch.flatten: _flatten}
+_METHODS: dict[str, Rule] = {"add": _add, "relu": _relu, "flatten": _flatten}
+
+
+def _rule(gm: fx.GraphModule, node: fx.Node) -> tuple[Rule, Any] | None:
+    """The rule of a call node and its module (``None``: no rule, the block is left to ``torch.func``)."""
+    args, kwargs = node.args, node.kwargs
+    if not args or not isinstance(args[0], fx.Node) or kwargs and dict(kwargs) != {"inplace": False}:
+        return None
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        rule = _MODULES.get(type(m))
+        if rule is None or len(args) != 1:
+            return None
+        if isinstance(m, nn.modules.conv._ConvNd) and m.padding_mode != "zeros":
+            return None
+        if isinstance(m, nn.ReLU) and m.inplace and len(args[0].users) > 1:  # others read what it overwrites
+            return None
+        if isinstance(m, nn.MaxPool2d) and m.return_indices:
+            return None
+        return rule, m
+    table: dict = _FUNCTIONS if node.op == "call_function" else _METHODS if node.op == "call_method" else {}
+    rule = table.get(node.target)
+    if rule is None:
+        return None
+    if rule is _add and (len(args) != 2 or not isinstance(args[1], (fx.Node, int, float))):
+        return None
+    if rule is _relu and len(args) != 1:
+        return None
+    if rule is _flatten and not all(isinstance(a, int) for a in args[1:]):
+        return None
+    return rule, None
+
+
+# ----------------------------------------------------------------------------- programs
+@dataclass(frozen=True)
+class Program:
+    """A block's graph as a list of steps, each ``(rule, module prefix, module, args)`` where an arg is
+    ``_Ref(i)`` (the value of step ``i``, the inputs first) or a constant; ``types``: the class of every
+    module it calls, which must not change (a BatchNorm made synchronised has no rule here)."""
+
+    inputs: int
+    steps: tuple[tuple[Rule, str, Any, tuple], ...]
+    result: int
+    modules: tuple[nn.Module, ...]
+    types: tuple[type, ...]
+    forward: Callable  # the graph module's code when it was built
+
+    def current(self, block: nn.Module) -> bool:
+        """Whether ``block`` still runs this graph with modules of these classes."""
+        return type(block).forward is self.forward and tuple(type(m) for m in self.modules) == self.types
+
+
+@dataclass(frozen=True)
+class _Ref:
+    index: int
+
+
+def _build(gm: fx.GraphModule) -> Program | None:
+    index: dict[fx.Node, int] = {}
+    steps: list[tuple[Rule, str, Any, tuple]] = []
+    inputs = 0
+    result = None
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if steps:
+                return None
+            index[node], inputs = inputs, inputs + 1
+        elif node.op == "output":
+            result = index.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        else:
+            found = _rule(gm, node)
+            if found is None:
+                return None
+            rule, m = found
+            args = tuple(_Ref(index[a]) if isinstance(a, fx.Node) else a for a in node.args)
+            index[node] = inputs + len(steps)
+            steps.append((rule, str(node.target) if m is not None else "", m, args))
+    if result is None or not inputs:
+        return None
+    modules = tuple(m for _, _, m, _ in steps if m is not None)
+    return Program(inputs, tuple(steps), result, modules, tuple(type(m) for m in modules), type(gm).forward)
+
+
+def program(block: nn.Module) -> Program | None:
+    """``block``'s program, or ``None`` when one of its nodes has no rule (or it is no fx graph). Built
+    once per block, eagerly, and kept on it (a converted model's own module); ignored once one of its
+    modules changed class."""
+    cached = getattr(block, _ATTR, None)
+    if (cached is None or cached and not cached.current(block)) and isinstance(block, fx.GraphModule) \
+            and not torch.compiler.is_compiling():
+        cached = _build(block) or False
+        object.__setattr__(block, _ATTR, cached)
+    return cached if cached and cached.current(block) else None
+
+
+def push(prog: Program, params: dict[str, Tensor], buffers: dict[str, Tensor], inputs: Sequence[Tensor],
+         tangents: Tensor | None = None, directions: dict[str, tuple[int, Tensor]] | None = None, streams: int = 0
+         ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+    """Run the block: ``(out, tangents (S, *out) or None, new buffers)``.
+
+    ``tangents``: ``(S, *x)`` at the first input (``None``: none); ``directions``: per trained parameter
+    name, ``(first stream, (s, *p))``, the parameter direction of streams ``first .. first + s`` (``streams``:
+    ``S`` when no input tangent gives it). Buffers are cloned, never written.
+    """
+    fresh = {k: b.clone() for k, b in buffers.items()}
+    ctx = _Ctx(params, fresh, tangents.shape[0] if tangents is not None else streams, directions or {})
+    values: list[Tensor] = list(inputs)
+    tans: list[Tensor | None] = [tangents] + [None] * (prog.inputs - 1)
+    for rule, prefix, m, refs in prog.steps:
+        args = [values[a.index] if isinstance(a, _Ref) else a for a in refs]
+        ts = [tans[a.index] if isinstance(a, _Ref) else None for a in refs]
+        out, t = rule(ctx, prefix, m, args, ts)
+        values.append(out)
+        tans.append(t)
+    return values[prog.result], tans[prog.result], fresh
