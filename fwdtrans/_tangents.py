@@ -19,9 +19,8 @@ Adding a layer: a rule ``(ctx, node, primals, tangents) -> (out, tangent)`` in :
 
 from __future__ import annotations
 
-import contextlib
 import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -89,15 +88,9 @@ def _per_channel(c: Tensor, dims: int, streams: bool = True) -> Tensor:
 Rule = Callable[[_Ctx, str, Any, list, list], tuple[Tensor, Tensor | None]]
 
 
-@contextlib.contextmanager
-def _untracked() -> Iterator[None]:
-    """Tangent work is never differentiated: outside autograd (and the sweep's ``vjp``); inside a compiled
-    graph, as is."""
-    if torch.compiler.is_compiling():
-        yield
-    else:
-        with torch.no_grad():
-            yield
+def _untracked() -> torch.no_grad:
+    """Tangent work is never differentiated: it runs outside autograd (and the sweep's ``vjp``)."""
+    return torch.no_grad()
 
 
 def _conv(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tensor, Tensor | None]:
@@ -136,7 +129,8 @@ def _linear(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tenso
 
 def _batch_norm(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tensor, Tensor | None]:
     """The module's forward (running statistics updated as it does), and the tangent of ``w * xhat + b``:
-    with batch statistics ``(t - mean(t) - xhat * mean(t * xhat)) * w / sigma``, else ``t * w / sigma``."""
+    with batch statistics ``(t - mean(t) - xhat * mean(t * xhat)) * w / sigma``, else ``t * w / sigma``;
+    a direction ``(u, c)`` of ``(w, b)`` adds ``u * xhat + c``."""
     (x,), (t,) = args, ts
     w, b = ctx.param(prefix, "weight"), ctx.param(prefix, "bias")
     mean, var = ctx.buffer(prefix, "running_mean"), ctx.buffer(prefix, "running_var")
@@ -158,16 +152,21 @@ def _batch_norm(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[T
             invstd, centre = torch.rsqrt(var + m.eps), mean
         scale = _per_channel(invstd if w is None else invstd * w, dims, False)
         xhat = None
-        if (batch_stats and t is not None) or ctx.has(prefix, "weight"):
+        compiling = torch.compiler.is_compiling()
+        if ctx.has(prefix, "weight") or (compiling and batch_stats and t is not None):
             xhat = (x - _per_channel(centre, dims, False)) * _per_channel(invstd, dims, False)
         tangent = None
-        if t is not None and batch_stats:
+        if t is not None and batch_stats and compiling:  # one fused kernel for every stream
+            assert xhat is not None
             reduce = (1, *range(3, t.dim()))
             n = x.numel() // x.shape[1]
-            assert xhat is not None
             t_mean, tx_mean = t.sum(reduce) / n, (t * xhat).sum(reduce) / n
-            tangent = torch.addcmul(t, xhat, _per_channel(tx_mean, dims), value=-1)
-            tangent = tangent.sub_(_per_channel(t_mean, dims)).mul_(scale)
+            tangent = (t - _per_channel(t_mean, dims) - xhat * _per_channel(tx_mean, dims)) * scale
+        elif t is not None and batch_stats:
+            # the Jacobian of batch normalisation is symmetric: its tangent is its backward's input gradient,
+            # (t - mean(t) - xhat * mean(t * xhat)) * w / sigma, which torch's kernel computes per stream
+            tangent = torch.stack([torch.ops.aten.native_batch_norm_backward(
+                ts, x, w, mean, var, save_mean, save_invstd, True, m.eps, [True, False, False])[0] for ts in t])
         elif t is not None:
             tangent = t * scale
         return out, ctx.with_directions(prefix, out, tangent, [
@@ -266,12 +265,14 @@ def _rule(gm: fx.GraphModule, node: fx.Node) -> tuple[Rule, Any] | None:
 # ----------------------------------------------------------------------------- programs
 @dataclass(frozen=True)
 class Program:
-    """A block's graph as a list of steps, each ``(rule, module prefix, module, args)`` where an arg is
-    ``_Ref(i)`` (the value of step ``i``, the inputs first) or a constant; ``types``: the class of every
-    module it calls, which must not change (a BatchNorm made synchronised has no rule here)."""
+    """A block's graph as a list of steps, each ``(rule, module prefix, module, args, last)`` where an arg
+    is ``_Ref(i)`` (value ``i``: the inputs, then each step's output) or a constant, and ``last`` the values
+    no later step reads (released after this one, so that a block holds no more than its forward does);
+    ``types``: the class of every module it calls, which must not change (a BatchNorm made synchronised has
+    no rule here)."""
 
     inputs: int
-    steps: tuple[tuple[Rule, str, Any, tuple], ...]
+    steps: tuple[tuple[Rule, str, Any, tuple, tuple[int, ...]], ...]
     result: int
     modules: tuple[nn.Module, ...]
     types: tuple[type, ...]
@@ -309,8 +310,11 @@ def _build(gm: fx.GraphModule) -> Program | None:
             steps.append((rule, str(node.target) if m is not None else "", m, args))
     if result is None or not inputs:
         return None
+    read_last = {a.index: i for i, (*_, args) in enumerate(steps) for a in args if isinstance(a, _Ref)}
+    last = [tuple(v for v, i in read_last.items() if i == n and v != result) for n in range(len(steps))]
     modules = tuple(m for _, _, m, _ in steps if m is not None)
-    return Program(inputs, tuple(steps), result, modules, tuple(type(m) for m in modules), type(gm).forward)
+    return Program(inputs, tuple((*step, free) for step, free in zip(steps, last, strict=True)), result, modules,
+                   tuple(type(m) for m in modules), type(gm).forward)
 
 
 def program(block: nn.Module) -> Program | None:
@@ -336,12 +340,17 @@ def push(prog: Program, params: dict[str, Tensor], buffers: dict[str, Tensor], i
     """
     fresh = {k: b.clone() for k, b in buffers.items()}
     ctx = _Ctx(params, fresh, tangents.shape[0] if tangents is not None else streams, directions or {})
-    values: list[Tensor] = list(inputs)
+    values: list[Tensor | None] = list(inputs)
     tans: list[Tensor | None] = [tangents] + [None] * (prog.inputs - 1)
-    for rule, prefix, m, refs in prog.steps:
+    for rule, prefix, m, refs, last in prog.steps:
         args = [values[a.index] if isinstance(a, _Ref) else a for a in refs]
         ts = [tans[a.index] if isinstance(a, _Ref) else None for a in refs]
-        out, t = rule(ctx, prefix, m, args, ts)
-        values.append(out)
+        value, t = rule(ctx, prefix, m, args, ts)
+        del args, ts
+        values.append(value)
         tans.append(t)
-    return values[prog.result], tans[prog.result], fresh
+        for i in last:
+            values[i] = tans[i] = None
+    out = values[prog.result]
+    assert out is not None
+    return out, tans[prog.result], fresh
