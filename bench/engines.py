@@ -5,6 +5,7 @@ Usage:
     python bench/engines.py --width 16 --batch 128 --rows activity-exact weight-tensor --rounds 7
     python bench/engines.py --width 16 --batch 64 --max-ratio 0      # every case, however slow
     python bench/engines.py --cases local activity-exact-reference weight-tensor   # these cases (and backprop)
+    python bench/engines.py --show bench/engines-w16-b64-run1.json    # the tables of earlier runs
 
 The model is the paper's CIFAR ResNet-18 (``fwdtrans.models.resnet18(width)``) cut into its 8 blocks
 (``blocks=model.paper_cuts()``) with the paper's CNN heads (``heads="cnn"``), in train mode, on one batch of
@@ -126,8 +127,9 @@ def build(case: Case, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
     case.cost = report.cost
     ratio = case.cost.ratio(method.engine)
     if args.max_ratio and ratio > args.max_ratio:
-        case.skipped = (f"predicted {ratio:.0f}x backprop ({case.cost.streams} streams with the forward engine), "
-                        f"over --max-ratio {args.max_ratio:g}")
+        why = (f"{case.cost.streams} streams" if method.engine == "forward" else
+               "the walk back once per output sample")
+        case.skipped = f"predicted {ratio:.0f}x backprop ({why}), over --max-ratio {args.max_ratio:g}"
         return
     if method.engine == "forward" and case.cost.tangent_bytes > args.max_tangent_gb * 2**30:
         case.skipped = (f"largest bundle of open tangents {case.cost.tangent_bytes / 2**30:.1f} GiB "
@@ -246,7 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tangent-gb", type=float, default=1.0,
                         help="skip a forward-engine case whose largest bundle of open tangents exceeds this")
     parser.add_argument("--json", type=Path, help="write the results here (atomically)")
+    parser.add_argument("--show", type=Path, nargs="+", metavar="JSON",
+                        help="print the tables of earlier runs (the Performance page's) and exit")
     args = parser.parse_args(argv)
+    if args.show:
+        for path in args.show:
+            title, *rows = table(json.loads(path.read_text()))
+            print("\n".join([f"`{path.name}`: {title}", *rows]), end="\n\n")
+        return 0
     if args.cases:
         known = {c.id for c in cases(list(ROWS))} | set(ROWS)
         if unknown := sorted(set(args.cases) - known):

@@ -102,32 +102,35 @@ def norm_affine(block: nn.Module) -> tuple[str, ...]:
                  if isinstance(m, nn.modules.batchnorm._NormBase) for k, _ in m.named_parameters(recurse=False))
 
 
-def push(block: nn.Module, h: Tensor, streams: Tensor, st: State | None = None) -> tuple[Tensor, Tensor, dict]:
-    """Run ``block`` on ``h`` and push the tangent ``streams`` (``(S, *h.shape)``) through it.
+def push(block: nn.Module, h: Tensor, streams: Sequence[Tensor], st: State | None = None
+         ) -> tuple[Tensor, list[Tensor], dict]:
+    """Run ``block`` on ``h`` and push the tangent streams through it: ``streams`` holds chunks ``(S_c, *h.shape)``
+    (the open bundles), pushed together.
 
-    Returns ``(out, tangents, new_buffers)``; the primal is computed once. A block whose every node has a
-    tangent rule (:mod:`fwdtrans._tangents`) is interpreted with them; any other runs under
-    ``vmap(jvp)``, where dropout draws one mask for the primal and every stream, and, under
-    ``torch.compile``, the normalisation layers' affine parameters join the ``jvp`` primals with zero
-    tangents: torch 2.13 fails to compile a BatchNorm whose input carries a tangent while its weight does
-    not (pytorch/pytorch#139756).
+    Returns ``(out, tangents per chunk, new_buffers)``; the primal is computed once. A block whose every node
+    has a tangent rule (:mod:`fwdtrans._tangents`) is interpreted with them, each chunk on its own (no copy
+    into one stack); any other runs under ``vmap(jvp)`` over the chunks concatenated, where dropout draws
+    one mask for the primal and every stream, and, under ``torch.compile``, the normalisation layers'
+    affine parameters join the ``jvp`` primals with zero tangents: torch 2.13 fails to compile a BatchNorm
+    whose input carries a tangent while its weight does not (pytorch/pytorch#139756).
     """
     trained, frozen, buffers = st or state(block)
     params = {**frozen, **trained}
     prog = _tangents.program(block)
     if prog is not None:
-        out, tangents, new = _tangents.push(prog, params, buffers, (h,), streams)
-        assert tangents is not None
-        return out, tangents, new
+        out, chunks, new = _tangents.push(prog, params, buffers, (h,), streams)
+        return out, [t if t is not None else out.new_zeros(s.shape[0], *out.shape)
+                     for t, s in zip(chunks, streams, strict=True)], new
     dual = {k: params[k] for k in norm_affine(block) if k in params} if torch.compiler.is_compiling() else {}
     zeros = {k: torch.zeros_like(v) for k, v in dual.items()}
 
     def f(x: Tensor, d: dict[str, Tensor]) -> tuple:
         return call(block, {**params, **d}, buffers, x)
 
+    stacked = streams[0] if len(streams) == 1 else torch.cat(list(streams))
     out, tangents, new = vmap(lambda t: jvp(f, (h, dual), (t, zeros), has_aux=True),
-                              out_dims=(None, 0, 0), randomness="same")(streams)
-    return out, tangents, {k: b[0] for k, b in new.items()}
+                              out_dims=(None, 0, 0), randomness="same")(stacked)
+    return out, list(tangents.split([s.shape[0] for s in streams])), {k: b[0] for k, b in new.items()}
 
 
 def push_params(block: nn.Module, h: tuple, directions: Sequence[tuple[int, Tensor]], streams: int,
@@ -143,8 +146,8 @@ def push_params(block: nn.Module, h: tuple, directions: Sequence[tuple[int, Tens
     names = list(trained)
     prog = _tangents.program(block)
     if prog is not None:
-        out, tangents, _ = _tangents.push(prog, {**frozen, **trained}, buffers, h,
-                                          directions=dict(zip(names, directions, strict=True)), streams=streams)
+        out, (tangents,), _ = _tangents.push(prog, {**frozen, **trained}, buffers, h,
+                                             directions=dict(zip(names, directions, strict=True)), streams=streams)
         return tangents if tangents is not None else out.new_zeros(streams, *out.shape)
     dense = []
     for (first, v), p in zip(directions, trained.values(), strict=True):

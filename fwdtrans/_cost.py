@@ -12,10 +12,10 @@ forward FLOPs ``f_j`` (as a fraction of ``F``), its head's ``h_j``, its number o
   input's, per layer) plus one more primal forward of the block per bundle;
 * a head: forward ``h_j``, backward ``2 h_j`` when it is trained (``h_j`` to its input otherwise).
 
-Backprop is ``3F``. What the model leaves out is what makes measured ratios exceed it: train-mode
-BatchNorm's tangent (two reductions and several elementwise passes per stream, memory-bound), ``vmap``'s
-bookkeeping, and a convolution's backward being slower per FLOP than its forward in oneDNN. The
-docs' Methods page gives the model next to measured ratios.
+Backprop is ``3F``. What the model leaves out is what makes measured ratios exceed it: small layers
+(the heads' convolutions) and a convolution's backward being slower per FLOP than its forward in oneDNN,
+and, in blocks without tangent rules (``_tangents``), ``vmap(jvp)``'s overheads (train-mode BatchNorm's
+tangent from its decomposition). The docs' Methods page gives the model next to measured ratios.
 """
 
 from __future__ import annotations

@@ -219,8 +219,9 @@ class _Sweep:
         """The random state to note before block ``j``'s forward, when it will run again (see ``_blocks``)."""
         return None
 
-    def _run(self, j: int, inputs: tuple, tangents: Tensor | None) -> tuple[BlockRecord, Tensor | None]:
-        """Block ``j`` on ``inputs`` under ``vjp`` (pushing ``tangents`` if any); its new buffers are saved."""
+    def _run(self, j: int, inputs: tuple, tangents: list[Tensor] | None) -> tuple[BlockRecord, list[Tensor] | None]:
+        """Block ``j`` on ``inputs`` under ``vjp`` (pushing the chunks of ``tangents`` if any); its new buffers
+        are saved."""
         block, (trained, frozen, buffers) = self.plan.blocks[j], self.states[j]
         chain = self.chained and j > 0
 
@@ -364,11 +365,9 @@ class Forward(Projected):
         self.pending: list[_Bundle] = []  # streams="sequential": pushed on their own after the sweep
 
     def _block(self, j, inputs):
-        tangents = torch.cat([s.tangents for s in self.open]) if self.open else None
-        b, tangents = self._run(j, inputs, tangents)
-        if tangents is not None:
-            for s, t in zip(self.open, tangents.split([s.tangents.shape[0] for s in self.open]), strict=True):
-                s.tangents = t
+        b, tangents = self._run(j, inputs, [s.tangents for s in self.open] or None)
+        for s, t in zip(self.open, tangents or (), strict=True):
+            s.tangents = t
         return b
 
     def _at_head(self, j, b):
@@ -411,7 +410,7 @@ class Forward(Projected):
         h, tangents = self.blocks[s.origin].out, s.tangents
         for k in range(s.origin + 1, s.end + 1):
             with replaying(self.blocks[k].rng):  # the sweep's dropout masks
-                h, tangents, _ = push(self.plan.blocks[k], h, tangents, self.states[k])
+                h, (tangents,), _ = push(self.plan.blocks[k], h, [tangents], self.states[k])
         return _contract(tangents, self._cotangent(s.end), self.space.per_sample)
 
 
@@ -570,7 +569,7 @@ class PerSampleForward(_PerSample):
         h = self.blocks[j].out
         for k in range(j + 1, end + 1):
             with replaying(self.blocks[k].rng):
-                h, tangents, _ = push(self.plan.blocks[k], h, tangents, self.states[k])
+                h, (tangents,), _ = push(self.plan.blocks[k], h, [tangents], self.states[k])
         return _contract(tangents, cotangent, False)
 
 

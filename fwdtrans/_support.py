@@ -108,7 +108,7 @@ def _probe(block: nn.Module, h: tuple, inputs: bool, params: bool) -> None:
     if params:  # the engine's own code paths, run once
         push_params(block, h, [(0, torch.randn(1, *p.shape, dtype=p.dtype, device=p.device)) for p in trained], 1)
     if inputs and h[0].is_floating_point():  # integer inputs (token ids) carry no tangent
-        push(block, h[0], torch.randn(1, *h[0].shape, dtype=h[0].dtype, device=h[0].device))
+        push(block, h[0], [torch.randn(1, *h[0].shape, dtype=h[0].dtype, device=h[0].device)])
 
 
 def _pulls_back(block: nn.Module, h: tuple, j: int) -> bool:

@@ -82,10 +82,11 @@ def _per_channel(c: Tensor, dims: int, streams: bool = True) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- rules
-# A rule: (ctx, prefix (the module's name), module or None, primal args, their tangents) -> (out, tangent).
-# The primal runs as the layer's own forward does (recorded by an enclosing vjp); the tangent inside
-# _untracked().
-Rule = Callable[[_Ctx, str, Any, list, list], tuple[Tensor, Tensor | None]]
+# A rule: (ctx, prefix (the module's name), module or None, primal args) -> (out, tangent), where
+# tangent(ts) maps one chunk of streams' tangents of the args (None: zero) to the output's. The primal runs
+# as the layer's own forward does (recorded by an enclosing vjp); the tangents outside autograd.
+Tangent = Callable[[list], Tensor | None]
+Rule = Callable[[_Ctx, str, Any, list], tuple[Tensor, Tangent]]
 
 
 def _untracked() -> torch.no_grad:
@@ -93,8 +94,8 @@ def _untracked() -> torch.no_grad:
     return torch.no_grad()
 
 
-def _conv(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tensor, Tensor | None]:
-    (x,), (t,) = args, ts
+def _conv(ctx: _Ctx, prefix: str, m: Any, args: list) -> tuple[Tensor, Tangent]:
+    (x,) = args
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.dim() - 2]
     w, b = ctx.param(prefix, "weight"), ctx.param(prefix, "bias")
     assert w is not None
@@ -108,30 +109,32 @@ def _conv(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tensor,
         stacked = v.unflatten(1, (g, -1)).transpose(0, 1).flatten(0, 2)  # (g * s * Cout/g, Cin/g, *k)
         return apply(x, stacked).unflatten(1, (g, s, -1)).movedim(2, 0).flatten(2, 3)  # (s, B, Cout, *sp)
 
-    with _untracked():
-        tangent = None if t is None else _fold(lambda z: apply(z, w), t)
-        return out, ctx.with_directions(prefix, out, tangent, [
+    def tangent(ts: list) -> Tensor | None:
+        t = None if ts[0] is None else _fold(lambda z: apply(z, w), ts[0])
+        return ctx.with_directions(prefix, out, t, [
             ("weight", weight_term), ("bias", lambda v: _per_channel(v, x.dim() - 2).expand(-1, *out.shape))])
+    return out, tangent
 
 
-def _linear(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tensor, Tensor | None]:
-    (x,), (t,) = args, ts
+def _linear(ctx: _Ctx, prefix: str, m: Any, args: list) -> tuple[Tensor, Tangent]:
+    (x,) = args
     w, b = ctx.param(prefix, "weight"), ctx.param(prefix, "bias")
     assert w is not None
     out = F.linear(x, w, b)
     lead = [1] * (x.dim() - 2)
-    with _untracked():
-        tangent = None if t is None else t @ w.T
-        return out, ctx.with_directions(prefix, out, tangent, [
+
+    def tangent(ts: list) -> Tensor | None:
+        return ctx.with_directions(prefix, out, None if ts[0] is None else ts[0] @ w.T, [
             ("weight", lambda v: x @ v.mT.reshape(v.shape[0], *lead, v.shape[2], v.shape[1])),
             ("bias", lambda v: v.reshape(v.shape[0], *lead, 1, -1).expand(-1, *out.shape))])
+    return out, tangent
 
 
-def _batch_norm(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tensor, Tensor | None]:
+def _batch_norm(ctx: _Ctx, prefix: str, m: Any, args: list) -> tuple[Tensor, Tangent]:
     """The module's forward (running statistics updated as it does), and the tangent of ``w * xhat + b``:
     with batch statistics ``(t - mean(t) - xhat * mean(t * xhat)) * w / sigma``, else ``t * w / sigma``;
     a direction ``(u, c)`` of ``(w, b)`` adds ``u * xhat + c``."""
-    (x,), (t,) = args, ts
+    (x,) = args
     w, b = ctx.param(prefix, "weight"), ctx.param(prefix, "bias")
     mean, var = ctx.buffer(prefix, "running_mean"), ctx.buffer(prefix, "running_var")
     tracked = ctx.buffer(prefix, "num_batches_tracked")
@@ -144,6 +147,8 @@ def _batch_norm(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[T
     out, save_mean, save_invstd = torch.native_batch_norm(
         x, w, b, mean if keep else None, var if keep else None, batch_stats, factor, m.eps)
     dims = x.dim() - 2
+    compiling = torch.compiler.is_compiling()
+
     with _untracked():
         if batch_stats:
             invstd, centre = save_invstd, save_mean
@@ -152,72 +157,75 @@ def _batch_norm(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[T
             invstd, centre = torch.rsqrt(var + m.eps), mean
         scale = _per_channel(invstd if w is None else invstd * w, dims, False)
         xhat = None
-        compiling = torch.compiler.is_compiling()
-        if ctx.has(prefix, "weight") or (compiling and batch_stats and t is not None):
+        if ctx.has(prefix, "weight") or (compiling and batch_stats):
             xhat = (x - _per_channel(centre, dims, False)) * _per_channel(invstd, dims, False)
-        tangent = None
+
+    def tangent(ts: list) -> Tensor | None:
+        t = ts[0]
         if t is not None and batch_stats and compiling:  # one fused kernel for every stream
             assert xhat is not None
             reduce = (1, *range(3, t.dim()))
             n = x.numel() // x.shape[1]
             t_mean, tx_mean = t.sum(reduce) / n, (t * xhat).sum(reduce) / n
-            tangent = (t - _per_channel(t_mean, dims) - xhat * _per_channel(tx_mean, dims)) * scale
+            t = (t - _per_channel(t_mean, dims) - xhat * _per_channel(tx_mean, dims)) * scale
         elif t is not None and batch_stats:
             # the Jacobian of batch normalisation is symmetric: its tangent is its backward's input gradient,
             # (t - mean(t) - xhat * mean(t * xhat)) * w / sigma, which torch's kernel computes per stream
-            tangent = torch.stack([torch.ops.aten.native_batch_norm_backward(
-                ts, x, w, mean, var, save_mean, save_invstd, True, m.eps, [True, False, False])[0] for ts in t])
+            t = torch.stack([torch.ops.aten.native_batch_norm_backward(
+                stream, x, w, mean, var, save_mean, save_invstd, True, m.eps, [True, False, False])[0]
+                for stream in t])
         elif t is not None:
-            tangent = t * scale
-        return out, ctx.with_directions(prefix, out, tangent, [
+            t = t * scale
+        return ctx.with_directions(prefix, out, t, [
             ("weight", lambda v: cast(Tensor, xhat) * _per_channel(v, dims)),
             ("bias", lambda v: _per_channel(v, dims).expand(-1, *out.shape))])
+    return out, tangent
 
 
-def _relu(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tensor, Tensor | None]:
+def _relu(ctx: _Ctx, prefix: str, m: Any, args: list) -> tuple[Tensor, Tangent]:
     out = F.relu(args[0])
-    with _untracked():
-        return out, None if ts[0] is None else ts[0] * (out > 0)
+    return out, lambda ts: None if ts[0] is None else ts[0] * (out > 0)
 
 
-def _identity(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tensor, Tensor | None]:
-    return args[0], ts[0]
+def _identity(ctx: _Ctx, prefix: str, m: Any, args: list) -> tuple[Tensor, Tangent]:
+    return args[0], lambda ts: ts[0]
 
 
-def _pool(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tensor, Tensor | None]:
+def _pool(ctx: _Ctx, prefix: str, m: Any, args: list) -> tuple[Tensor, Tangent]:
     """A layer linear in its input, without parameters (average pooling)."""
-    out = m(args[0])
-    with _untracked():
-        return out, None if ts[0] is None else _fold(m, ts[0])
+    return m(args[0]), lambda ts: None if ts[0] is None else _fold(m, ts[0])
 
 
-def _max_pool(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tensor, Tensor | None]:
-    (x,), (t,) = args, ts
-    out, index = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True)
-    if t is None:
-        return out, None
-    with _untracked():
+def _max_pool(ctx: _Ctx, prefix: str, m: Any, args: list) -> tuple[Tensor, Tangent]:
+    out, index = F.max_pool2d(args[0], m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode,
+                              return_indices=True)
+
+    def tangent(ts: list) -> Tensor | None:
+        t = ts[0]
+        if t is None:
+            return None
         flat = index.flatten(-2).expand(t.shape[0], *index.shape[:-2], -1)
-        return out, t.flatten(-2).gather(-1, flat).view(t.shape[0], *out.shape)
+        return t.flatten(-2).gather(-1, flat).view(t.shape[0], *out.shape)
+    return out, tangent
 
 
-def _flatten(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tensor, Tensor | None]:
+def _flatten(ctx: _Ctx, prefix: str, m: Any, args: list) -> tuple[Tensor, Tangent]:
     """``torch.flatten``; the streams' dimension shifts every non-negative dimension by one."""
-    x, t = args[0], ts[0]
     start, end = (m.start_dim, m.end_dim) if m is not None else [*args[1:], *[0, -1][len(args) - 1:]]
     shift = (start + 1 if start >= 0 else start, end + 1 if end >= 0 else end)
-    return torch.flatten(x, start, end), None if t is None else torch.flatten(t, *shift)
+    return torch.flatten(args[0], start, end), lambda ts: None if ts[0] is None else torch.flatten(ts[0], *shift)
 
 
-def _add(ctx: _Ctx, prefix: str, m: Any, args: list, ts: list) -> tuple[Tensor, Tensor | None]:
-    a, b = args
-    out = a + b
-    with _untracked():
+def _add(ctx: _Ctx, prefix: str, m: Any, args: list) -> tuple[Tensor, Tangent]:
+    out = args[0] + args[1]
+
+    def tangent(ts: list) -> Tensor | None:
         terms = [t.view(t.shape[0], *([1] * (out.dim() - t.dim() + 1)), *t.shape[1:]) for t in ts if t is not None]
         if not terms:
-            return out, None
-        tangent = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-        return out, tangent if tangent.shape[1:] == out.shape else tangent.expand(-1, *out.shape)
+            return None
+        t = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        return t if t.shape[1:] == out.shape else t.expand(-1, *out.shape)
+    return out, tangent
 
 
 _MODULES: dict[type, Rule] = {
@@ -330,27 +338,34 @@ def program(block: nn.Module) -> Program | None:
 
 
 def push(prog: Program, params: dict[str, Tensor], buffers: dict[str, Tensor], inputs: Sequence[Tensor],
-         tangents: Tensor | None = None, directions: dict[str, tuple[int, Tensor]] | None = None, streams: int = 0
-         ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
-    """Run the block: ``(out, tangents (S, *out) or None, new buffers)``.
+         tangents: Sequence[Tensor] = (), directions: dict[str, tuple[int, Tensor]] | None = None, streams: int = 0
+         ) -> tuple[Tensor, list[Tensor | None], dict[str, Tensor]]:
+    """Run the block: ``(out, tangents (S_c, *out) per chunk (None: zero), new buffers)``.
 
-    ``tangents``: ``(S, *x)`` at the first input (``None``: none); ``directions``: per trained parameter
-    name, ``(first stream, (s, *p))``, the parameter direction of streams ``first .. first + s`` (``streams``:
-    ``S`` when no input tangent gives it). Buffers are cloned, never written.
+    ``tangents``: chunks of streams ``(S_c, *x)`` at the first input, each pushed on its own (the open
+    bundles, which are never copied into one stack); ``directions``: per trained parameter name,
+    ``(first stream, (s, *p))``, the parameter direction of streams ``first .. first + s`` of one chunk of
+    ``streams`` streams, when no input tangent is given. Buffers are cloned, never written.
     """
+    assert not (tangents and directions), "parameter directions go with no input tangents"
     fresh = {k: b.clone() for k, b in buffers.items()}
-    ctx = _Ctx(params, fresh, tangents.shape[0] if tangents is not None else streams, directions or {})
+    ctx = _Ctx(params, fresh, streams, directions or {})
+    chunks = len(tangents) or 1
     values: list[Tensor | None] = list(inputs)
-    tans: list[Tensor | None] = [tangents] + [None] * (prog.inputs - 1)
+    first: list[Tensor | None] = list(tangents) or [None]
+    none: list[Tensor | None] = [None] * chunks
+    tans: list[list[Tensor | None] | None] = [first, *[none] * (prog.inputs - 1)]
     for rule, prefix, m, refs, last in prog.steps:
         args = [values[a.index] if isinstance(a, _Ref) else a for a in refs]
-        ts = [tans[a.index] if isinstance(a, _Ref) else None for a in refs]
-        value, t = rule(ctx, prefix, m, args, ts)
-        del args, ts
+        value, tangent = rule(ctx, prefix, m, args)
+        del args
+        per_arg = [cast(list, tans[a.index]) if isinstance(a, _Ref) else none for a in refs]
+        with _untracked():
+            tans.append([tangent([ts[c] for ts in per_arg]) for c in range(chunks)])
         values.append(value)
-        tans.append(t)
+        per_arg = []  # released (not with `del`: Dynamo cannot trace deleting a name a comprehension reads)
         for i in last:
             values[i] = tans[i] = None
-    out = values[prog.result]
-    assert out is not None
-    return out, tans[prog.result], fresh
+    out, result = values[prog.result], tans[prog.result]
+    assert out is not None and result is not None
+    return out, result, fresh

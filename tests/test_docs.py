@@ -257,3 +257,11 @@ def test_the_methods_page_quotes_the_real_error_messages():
         fwdtrans.convert(fwdtrans.models.resnet18(width=2), torch.randn(2, 3, 32, 32), blocks=8, heads="linear",
                          guess="gaussian", space="weight", tangents=4)
     assert "UserWarning: " + norm(str(warned[0].message)) in text
+
+
+@pytest.mark.parametrize("run", sorted(p.name for p in (ROOT / "bench").glob("engines-*.json")))
+def test_the_performance_page_shows_each_committed_engine_run_as_generated(run):
+    """The "Both engines against backprop" tables are ``bench/engines.py --show``'s, from the committed JSON."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "engines.py"), "--show", str(ROOT / "bench" / run)],
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip() in (ROOT / "docs" / "performance.md").read_text()

@@ -104,12 +104,16 @@ def test_rules_equal_vmap_jvp_in_float64(drawn, train, streams, data):
     x = torch.randn(4, channels, size, size, dtype=torch.float64)
     state = _blocks.state(block)
     trained = state[0]
-    tangents = torch.randn(streams, *x.shape, dtype=x.dtype)
+    # the streams in chunks (the open bundles), pushed together: each chunk's tangents as if pushed alone
+    sizes = data.draw(st.lists(st.integers(1, 3), min_size=1, max_size=3))
+    chunks = [torch.randn(s, *x.shape, dtype=x.dtype) for s in sizes]
     before = {k: b.clone() for k, b in block.named_buffers()}
-    out, t, new = _blocks.push(block, x, tangents, state)
+    out, t, new = _blocks.push(block, x, chunks, state)
     with without_rules(block):
-        out0, t0, new0 = _blocks.push(block, x, tangents, state)
-    assert close(out, out0) and close(t, t0)
+        out0, t0, new0 = _blocks.push(block, x, chunks, state)
+    assert len(t) == len(t0) == len(chunks)
+    assert close(out, out0) and all(close(a, b) for a, b in zip(t, t0, strict=True))
+    assert all(a.shape == (s, *out.shape) for a, s in zip(t, sizes, strict=True))
     assert new.keys() == new0.keys() and all(torch.equal(new[k], new0[k]) or close(new[k], new0[k]) for k in new)
     # parameter directions: each on its own rows of the streams
     directions = []
@@ -136,10 +140,10 @@ def test_resnet_blocks_use_the_rules_and_agree_in_every_mode():
         for train in (True, False):
             block.train(train)
             state = _blocks.state(block)
-            t = torch.randn(2, *h.shape, dtype=h.dtype)
-            out, tangents, new = _blocks.push(block, h, t, state)
+            t = [torch.randn(2, *h.shape, dtype=h.dtype)]
+            out, (tangents,), new = _blocks.push(block, h, t, state)
             with without_rules(block):
-                out0, tangents0, new0 = _blocks.push(block, h, t, state)
+                out0, (tangents0,), new0 = _blocks.push(block, h, t, state)
             assert close(out, out0) and close(tangents, tangents0) and all(close(new[k], new0[k]) for k in new)
         block.train(True)
         with torch.no_grad():
