@@ -5,16 +5,17 @@ the op's generic decomposition, one batching rule at a time: a train-mode BatchN
 times its hand-derived formula, and under the sweep's ``vjp`` every tangent op is recorded for a backward
 that never reads it. For a block made only of the layers below (a ResNet's, a VGG's, an MLP's),
 :func:`push` interprets its fx graph instead: each node's primal as the layer computes it, and the tangents
-of all ``S`` streams, stacked ``(S, B, ...)``, from the layer's derivative written out (convolutions and
-linear layers run once on the streams folded into the batch; BatchNorm's tangent from the statistics its
-forward already computed), outside autograd. Parameter directions enter at the layers that use them.
+of ``S`` streams, stacked ``(S, B, ...)`` in chunks (the open bundles), from the layer's derivative written
+out (convolutions and linear layers run once per chunk on its streams folded into the batch; BatchNorm's
+tangent from the statistics its forward already computed), outside autograd. Parameter directions enter at
+the layers that use them.
 
 Any other node (dropout, whose masks ``vmap`` draws; a synchronised BatchNorm; an unknown function) leaves
 the block to ``torch.func``: :func:`program` returns ``None``. Both paths agree to float64 rounding
 (``tests/test_tangents.py``).
 
-Adding a layer: a rule ``(ctx, node, primals, tangents) -> (out, tangent)`` in :data:`_MODULES`,
-:data:`_FUNCTIONS` or :data:`_METHODS`.
+Adding a layer: a rule ``(ctx, prefix, module, primals) -> (out, tangent)`` (``tangent``: one chunk of the
+arguments' tangents to the output's) in :data:`_MODULES`, :data:`_FUNCTIONS` or :data:`_METHODS`.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class _Ctx:
 
     def with_directions(self, prefix: str, out: Tensor, tangent: Tensor | None,
                         terms: Sequence[tuple[str, Callable[[Tensor], Tensor]]]) -> Tensor | None:
-        """``tangent`` plus each parameter direction's image ``term(v)`` ``(s, *out)``, on its streams' rows."""
+        """``tangent`` plus each parameter direction's image ``term(v)`` ``(s, *out)``, on its streams' rows
+        (added in place: ``tangent`` is the rule's own; only the last term, a bias's, may be an expanded view)."""
         for name, term in terms:
             entry = self.directions.get(f"{prefix}.{name}" if prefix else name)
             if entry is None:

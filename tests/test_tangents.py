@@ -185,3 +185,18 @@ def test_a_module_changing_class_invalidates_the_program():
 
     block.get_submodule("1").__class__ = Synchronised  # as sync_batchnorm=True does
     assert _tangents.program(block) is None
+
+
+def test_parameter_directions_of_a_block_with_frozen_parameters():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Linear(4, 5)).double()
+    model[0].weight.requires_grad_(False)  # its bias's direction alone: an expanded image
+    model[1].bias.requires_grad_(False)
+    block = fx.symbolic_trace(model)
+    state = _blocks.state(block)
+    x = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    directions = [(0, torch.randn(3, *p.shape, dtype=p.dtype)) if i % 2 == 0 else
+                  (1, torch.randn(2, *p.shape, dtype=p.dtype)) for i, p in enumerate(state[0].values())]
+    image = _blocks.push_params(block, (x,), directions, 3, state)
+    with without_rules(block):
+        assert close(image, _blocks.push_params(block, (x,), directions, 3, state))
