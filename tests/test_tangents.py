@@ -200,3 +200,32 @@ def test_parameter_directions_of_a_block_with_frozen_parameters():
     image = _blocks.push_params(block, (x,), directions, 3, state)
     with without_rules(block):
         assert close(image, _blocks.push_params(block, (x,), directions, 3, state))
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("name", ["mlp", "conv1d", "conv3d"])
+def test_one_and_three_dimensional_layers(name, train):
+    torch.manual_seed(0)
+    if name == "mlp":  # (B, D): Linear, BatchNorm1d, ReLU
+        model, x = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)), torch.randn(8, 6)
+    elif name == "conv1d":  # (B, C, L)
+        model = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.BatchNorm1d(4), nn.ReLU(), nn.AvgPool1d(2),
+                              nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 3))
+        x = torch.randn(8, 2, 6)
+    else:  # (B, C, D, H, W)
+        model = nn.Sequential(nn.Conv3d(2, 3, 3, padding=1), nn.BatchNorm3d(3), nn.ReLU(), nn.AvgPool3d(2),
+                              nn.AdaptiveAvgPool3d(1), nn.Flatten(1))
+        x = torch.randn(4, 2, 4, 4, 4)
+    block = fx.symbolic_trace(model.double()).train(train)
+    x = x.double()
+    assert _tangents.program(block) is not None
+    state = _blocks.state(block)
+    chunks = [torch.randn(2, *x.shape, dtype=x.dtype), torch.randn(1, *x.shape, dtype=x.dtype)]
+    directions = [(i % 2, torch.randn(2, *p.shape, dtype=p.dtype)) for i, p in enumerate(state[0].values())]
+    out, tangents, new = _blocks.push(block, x, chunks, state)
+    image = _blocks.push_params(block, (x,), directions, 3, state)
+    with without_rules(block):
+        out0, tangents0, new0 = _blocks.push(block, x, chunks, state)
+        image0 = _blocks.push_params(block, (x,), directions, 3, state)
+    assert close(out, out0) and all(close(a, b) for a, b in zip(tangents, tangents0, strict=True))
+    assert close(image, image0) and all(close(new[k], new0[k]) for k in new)
