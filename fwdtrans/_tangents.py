@@ -278,19 +278,21 @@ class Program:
     """A block's graph as a list of steps, each ``(rule, module prefix, module, args, last)`` where an arg
     is ``_Ref(i)`` (value ``i``: the inputs, then each step's output) or a constant, and ``last`` the values
     no later step reads (released after this one, so that a block holds no more than its forward does);
-    ``types``: the class of every module it calls, which must not change (a BatchNorm made synchronised has
-    no rule here)."""
+    ``modules``: every module it calls, by name, and ``types`` their classes: neither may change (a module
+    replaced in the block, or a BatchNorm made synchronised, which has no rule here)."""
 
     inputs: int
     steps: tuple[tuple[Rule, str, Any, tuple, tuple[int, ...]], ...]
     result: int
-    modules: tuple[nn.Module, ...]
+    modules: dict[str, nn.Module]
     types: tuple[type, ...]
     forward: Callable  # the graph module's code when it was built
 
     def current(self, block: nn.Module) -> bool:
-        """Whether ``block`` still runs this graph with modules of these classes."""
-        return type(block).forward is self.forward and tuple(type(m) for m in self.modules) == self.types
+        """Whether ``block`` still runs this graph, with these modules, of these classes."""
+        return (type(block).forward is self.forward
+                and all(block.get_submodule(name) is m for name, m in self.modules.items())
+                and tuple(type(m) for m in self.modules.values()) == self.types)
 
 
 @dataclass(frozen=True)
@@ -322,15 +324,15 @@ def _build(gm: fx.GraphModule) -> Program | None:
         return None
     read_last = {a.index: i for i, (*_, args) in enumerate(steps) for a in args if isinstance(a, _Ref)}
     last = [tuple(v for v, i in read_last.items() if i == n and v != result) for n in range(len(steps))]
-    modules = tuple(m for _, _, m, _ in steps if m is not None)
+    modules = {prefix: m for _, prefix, m, _ in steps if m is not None}
     return Program(inputs, tuple((*step, free) for step, free in zip(steps, last, strict=True)), result, modules,
-                   tuple(type(m) for m in modules), type(gm).forward)
+                   tuple(type(m) for m in modules.values()), type(gm).forward)
 
 
 def program(block: nn.Module) -> Program | None:
     """``block``'s program, or ``None`` when one of its nodes has no rule (or it is no fx graph). Built
-    once per block, eagerly, and kept on it (a converted model's own module); ignored once one of its
-    modules changed class."""
+    once per block, eagerly, and kept on it (a converted model's own module); built again when the block's
+    code or one of its modules changed."""
     cached = getattr(block, _ATTR, None)
     if (cached is None or cached and not cached.current(block)) and isinstance(block, fx.GraphModule) \
             and not torch.compiler.is_compiling():

@@ -229,3 +229,12 @@ def test_one_and_three_dimensional_layers(name, train):
         image0 = _blocks.push_params(block, (x,), directions, 3, state)
     assert close(out, out0) and all(close(a, b) for a, b in zip(tangents, tangents0, strict=True))
     assert close(image, image0) and all(close(new[k], new0[k]) for k in new)
+
+
+def test_a_module_replaced_in_the_block_is_the_one_that_runs():
+    block = fx.symbolic_trace(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU())).double()
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    assert _blocks.push(block, x, [torch.randn(1, *x.shape, dtype=x.dtype)])[0].shape == (2, 2, 8, 8)
+    block.set_submodule("0", nn.Conv2d(2, 2, 3, stride=2, padding=1).double())  # same class, another stride
+    out, (t,), _ = _blocks.push(block, x, [torch.randn(1, *x.shape, dtype=x.dtype)])
+    assert out.shape == t.shape[1:] == block(x).shape == (2, 2, 4, 4)
