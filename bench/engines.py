@@ -142,6 +142,15 @@ def build(case: Case, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
     case.step = lambda: converted.compute_gradients(x, y)
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name (Linux), which ``platform`` does not give."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 def _commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
@@ -199,7 +208,8 @@ def run(args) -> dict:
                        "heads": f"CNNHead(width={args.head_width})" if args.head_width else "cnn",
                        "rounds": args.rounds, "threads": args.threads, "cases": args.cases,
                        "seed": args.seed, "max_ratio": args.max_ratio, "max_tangent_gb": args.max_tangent_gb},
-            "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "machine": {"cpu": platform.processor() or platform.machine(), "cpu_model": _cpu_model(),
+                        "cpu_count": os.cpu_count(),
                         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "python": platform.python_version(),
                         "torch": torch.__version__, "fwdtrans": fwdtrans.__version__, "commit": _commit()},
             "load": {"before": load_before, "after": load_after, "rounds_1m": loads}, "rows": rows}
@@ -209,10 +219,12 @@ def table(data: dict) -> list[str]:
     """Markdown: one line per case."""
     c, load = data["config"], data["load"]
     threads = f"{c['threads']} thread" + ("s" if c["threads"] > 1 else "")
+    m = data["machine"]
+    machine = f"; {m['cpu_model']}, {m['cpu_count']} cores" if m.get("cpu_model") else ""
     lines = [f"ResNet-18 width {c['width']}, batch {c['batch']}, {c['blocks']} blocks, heads {c['heads']}; medians of "
              f"{c['rounds']} interleaved steps after a warm-up, {threads}; 1-minute load "
              f"{load['before'][0]:.2f} before, {max(load['rounds_1m'], default=0):.2f} at most, "
-             f"{load['after'][0]:.2f} after; {data['date']}.", "",
+             f"{load['after'][0]:.2f} after; {data['date']}{machine}.", "",
              "| estimator | engine | streams | model (F) | model / backprop | CPU / backprop | paired CPU | "
              "wall / backprop | CPU median |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]

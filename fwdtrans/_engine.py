@@ -267,6 +267,8 @@ class _Sweep:
 
         b.head_loss, pull, new = vjp(f, b.out, *((trained,) if train else ()), has_aux=True)
         b.g, *grads = pull(torch.ones_like(b.head_loss))
+        if b.g.stride() != b.out.stride():  # a head that changes the memory format (a CNN head on CPU)
+            b.g = torch.empty_like(b.out).copy_(b.g)
         self._save(f"heads.{j}", new, self.buffers)
         if train:
             self._save(f"heads.{j}", grads[0], self.grads)

@@ -173,9 +173,11 @@ def _batch_norm(ctx: _Ctx, prefix: str, m: Any, args: list) -> tuple[Tensor, Tan
         elif t is not None and batch_stats:
             # the Jacobian of batch normalisation is symmetric: its tangent is its backward's input gradient,
             # (t - mean(t) - xhat * mean(t * xhat)) * w / sigma, which torch's kernel computes per stream
-            t = torch.stack([torch.ops.aten.native_batch_norm_backward(
+            # (one stream: no stack, which would copy it)
+            per_stream = [torch.ops.aten.native_batch_norm_backward(
                 stream, x, w, mean, var, save_mean, save_invstd, True, m.eps, [True, False, False])[0]
-                for stream in t])
+                for stream in t]
+            t = per_stream[0][None] if len(per_stream) == 1 else torch.stack(per_stream)
         elif t is not None:
             t = t * scale
         return ctx.with_directions(prefix, out, t, [
@@ -186,7 +188,9 @@ def _batch_norm(ctx: _Ctx, prefix: str, m: Any, args: list) -> tuple[Tensor, Tan
 
 def _relu(ctx: _Ctx, prefix: str, m: Any, args: list) -> tuple[Tensor, Tangent]:
     out = F.relu(args[0])
-    return out, lambda ts: None if ts[0] is None else ts[0] * (out > 0)
+    # the tangent where the output is positive, else 0: one kernel (torch's own ReLU derivative), where
+    # `t * (out > 0)` would also build the mask and convert it to the tangent's dtype
+    return out, lambda ts: None if ts[0] is None else torch.ops.aten.threshold_backward(ts[0], out, 0)
 
 
 def _identity(ctx: _Ctx, prefix: str, m: Any, args: list) -> tuple[Tensor, Tangent]:

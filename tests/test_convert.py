@@ -95,6 +95,37 @@ def test_heads_are_built_for_each_cut_shape(spec):
         assert head(h).shape == (3, 10)
 
 
+def test_cnn_heads_run_channels_last_on_cpu_with_the_plain_layers_values():
+    torch.manual_seed(0)
+    head = fwdtrans.heads.CNNHead(width=8).build((6, 16, 16), num_classes=10).double()
+    plain = torch.nn.Sequential(*copy.deepcopy(list(head)))  # the same layers, run as they come
+    seen = []
+    head[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(4, 6, 16, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 10, (4,))
+    out, expected = head(x), plain(x)
+    assert seen == [True] and x.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(torch.nn.functional.cross_entropy(out, y), [x, *head.parameters()])
+    grads0 = torch.autograd.grad(torch.nn.functional.cross_entropy(expected, y), [x, *plain.parameters()])
+    for g, g0 in zip(grads, grads0, strict=True):
+        torch.testing.assert_close(g, g0, rtol=1e-12, atol=1e-12)
+    assert [k for k, _ in head.state_dict().items()] == [k for k, _ in plain.state_dict().items()]
+
+
+def test_a_heads_input_gradient_keeps_the_block_outputs_layout():
+    # the CNN heads run channels-last: the gradient they hand back to the block, its cotangent and its
+    # guess, is laid out as the block's output, as every other tensor the block's pull-back meets
+    torch.manual_seed(0)
+    model = fwdtrans.models.resnet18(width=4)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    converted = fwdtrans.convert(model, x, blocks=3, heads="cnn")
+    record: dict = {}
+    converted._gradients(x, y, record=record)
+    for b in record["blocks"][:-1]:
+        assert b.g.is_contiguous() and b.g.stride() == b.out.stride()
+
+
 def test_user_head_callable_gets_the_per_sample_shape():
     seen = []
 
