@@ -154,7 +154,7 @@ def _cpu_model() -> str | None:
 def _commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
+                              cwd=Path(fwdtrans.__file__).parent).stdout.strip()  # the code measured
     except (OSError, subprocess.CalledProcessError):
         return None
 

@@ -57,7 +57,11 @@ def _image(shape: tuple[int, ...], family: str) -> int:
 
 @dataclass(frozen=True)
 class CNNHead:
-    """1x1 conv (C->width) + BN + ReLU, ``depth`` x [3x3 conv stride 2 + BN + ReLU], 2x2 pool, linear."""
+    """1x1 conv (C->width) + BN + ReLU, ``depth`` x [3x3 conv stride 2 + BN + ReLU], 2x2 pool, linear.
+
+    On CPU the head runs its layers in channels-last memory format (faster there; its input and the
+    gradient fwdtrans hands back to the block keep the block output's layout).
+    """
 
     width: int = 32
     depth: int = 3
