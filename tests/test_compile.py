@@ -5,7 +5,8 @@ Compiling is slow on a CPU (a ResNet-18's step takes minutes with the default ba
 the cases are few and small: the flagship method on a residual BatchNorm CNN with inductor (its
 generated kernels, the compiled BatchNorm tangent among them), and the other method families on a
 small BatchNorm CNN with ``aot_eager`` (the same captured graph and autograd tracing, without code
-generation). ResNet-18 itself is compiled with inductor by ``test_compile_time.py``.
+generation). ResNet-18 itself is compiled with inductor by ``test_compile_time.py`` (its first step
+checked against eager in float32: the loss and the last block's exact gradient).
 """
 
 import copy
