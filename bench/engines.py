@@ -6,10 +6,13 @@ Usage:
     python bench/engines.py --width 16 --batch 64 --max-ratio 0      # every case, however slow
     python bench/engines.py --cases local activity-exact-reference weight-tensor   # these cases (and backprop)
     python bench/engines.py --show bench/engines-w16-b64-run1.json    # the tables of earlier runs
+    python bench/engines.py --width 16 --compile --rows local activity-joint --cases local activity-joint-forward
 
 The model is the paper's CIFAR ResNet-18 (``fwdtrans.models.resnet18(width)``) cut into its 8 blocks
 (``blocks=model.paper_cuts()``) with the paper's CNN heads (``heads="cnn"``), in train mode, on one batch of
-random 3x32x32 images with 10 classes, float32, ``--threads`` threads (default 2).
+random 3x32x32 images with 10 classes, float32, ``--threads`` threads (default 2). With ``--compile`` every
+case runs compiled (``compute_gradients(x, y, compile=True)``; ``plain-backprop``: ``torch.compile(model)``),
+and every ratio divides by compiled backprop.
 
 Rows (the estimators the paper's official code also has come first; each with both engines, ``forward`` and
 ``reference``, where the method allows):
@@ -113,11 +116,12 @@ def build(case: Case, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
     """Set ``case.step`` (or ``case.skipped``), and its cost."""
     if case.method is None:
         params = list(model.parameters())
+        forward = torch.compile(model) if args.compile else model
 
         def plain():
             for p in params:
                 p.grad = None
-            F.cross_entropy(model(x), y).backward()
+            F.cross_entropy(forward(x), y).backward()
 
         case.step = plain
         return
@@ -139,7 +143,7 @@ def build(case: Case, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
         warnings.simplefilter("ignore", UserWarning)  # "propagates N tangent streams": measured on purpose
         converted = fwdtrans.convert(model, x[:2], blocks=model.paper_cuts(), heads=heads(args), method=method)
     converted.train()
-    case.step = lambda: converted.compute_gradients(x, y)
+    case.step = lambda: converted.compute_gradients(x, y, compile=args.compile)
 
 
 def _cpu_model() -> str | None:
@@ -206,7 +210,7 @@ def run(args) -> dict:
             "config": {"model": f"resnet18(width={args.width})", "width": args.width, "batch": args.batch,
                        "blocks": "paper_cuts() (8)",
                        "heads": f"CNNHead(width={args.head_width})" if args.head_width else "cnn",
-                       "rounds": args.rounds, "threads": args.threads, "cases": args.cases,
+                       "rounds": args.rounds, "threads": args.threads, "cases": args.cases, "compile": args.compile,
                        "seed": args.seed, "max_ratio": args.max_ratio, "max_tangent_gb": args.max_tangent_gb},
             "machine": {"cpu": platform.processor() or platform.machine(), "cpu_model": _cpu_model(),
                         "cpu_count": os.cpu_count(),
@@ -221,8 +225,9 @@ def table(data: dict) -> list[str]:
     threads = f"{c['threads']} thread" + ("s" if c["threads"] > 1 else "")
     m = data["machine"]
     machine = f"; {m['cpu_model']}, {m['cpu_count']} cores" if m.get("cpu_model") else ""
-    lines = [f"ResNet-18 width {c['width']}, batch {c['batch']}, {c['blocks']} blocks, heads {c['heads']}; medians of "
-             f"{c['rounds']} interleaved steps after a warm-up, {threads}; 1-minute load "
+    compiled = ", compiled (`compile=True`)" if c.get("compile") else ""
+    lines = [f"ResNet-18 width {c['width']}, batch {c['batch']}, {c['blocks']} blocks, heads {c['heads']}{compiled}; "
+             f"medians of {c['rounds']} interleaved steps after a warm-up, {threads}; 1-minute load "
              f"{load['before'][0]:.2f} before, {max(load['rounds_1m'], default=0):.2f} at most, "
              f"{load['after'][0]:.2f} after; {data['date']}{machine}.", "",
              "| estimator | engine | streams | model (F) | model / backprop | CPU / backprop | paired CPU | "
@@ -259,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip a case the cost model puts above this many backprop steps (0: none skipped)")
     parser.add_argument("--max-tangent-gb", type=float, default=1.0,
                         help="skip a forward-engine case whose largest bundle of open tangents exceeds this")
+    parser.add_argument("--compile", action="store_true",
+                        help="every case compiled (ratios to compiled backprop); the first round compiles")
     parser.add_argument("--json", type=Path, help="write the results here (atomically)")
     parser.add_argument("--show", type=Path, nargs="+", metavar="JSON",
                         help="print the tables of earlier runs (the Performance page's) and exit")

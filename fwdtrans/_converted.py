@@ -77,7 +77,7 @@ class Converted(nn.Module):
         self.input_names: tuple[str, ...] = ()  # forward's argument names, set by convert
         # per tensor leaf of the example inputs: per-sample shape and dtype (None: the parameters' dtype)
         self.input_spec: dict[str, tuple[tuple[int, ...], torch.dtype | None] | None] = {}
-        self._compiled: dict[tuple, Callable] = {}
+        self._compiled: dict[str, Callable] = {}
 
     @property
     def segments(self) -> tuple[tuple[int, ...], ...]:
@@ -280,10 +280,19 @@ class Converted(nn.Module):
 
     def compiled_gradients(self, options: Mapping | None = None) -> Callable:
         """The step's gradient function ``(inputs, y, noise) -> (grads, buffers, metrics)``, the engine's
-        ``gradients`` on this model's plan under ``torch.compile(..., fullgraph=True, dynamic=False, **options)``;
-        built once per ``options`` (torch recompiles it when the method, shapes or dtypes change)."""
-        key = tuple(sorted((options or {}).items()))
+        ``gradients`` on this model's plan under ``torch.compile(..., fullgraph=True, dynamic=False, **options)``,
+        the plan's inductor options (``_engine.inductor_options``) under ``options``'s own; built once per
+        ``options`` (torch recompiles it when the method, shapes or dtypes change)."""
         plan = self.plan
+        options = dict(options or {})
+        if options.get("backend", "inductor") == "inductor":  # the step's inductor options, then the caller's
+            mode = options.pop("mode", None)  # torch.compile takes a mode or options, not both: the mode's options
+            from torch._inductor import list_mode_options  # (imports the compiler: not before it is needed)
+
+            inductor = {**(list_mode_options(mode) if mode else {}),
+                        **_engine.inductor_options(plan), **options.pop("options", {})}
+            options.update({"options": inductor} if inductor else {})
+        key = repr(sorted(options.items()))  # options may nest dicts: unhashable
         _engine.check_compilable(plan)
         if key not in self._compiled:
             # dynamo keeps one cache (at most torch._dynamo.config.recompile_limit graphs) per code
@@ -292,7 +301,7 @@ class Converted(nn.Module):
             code = fn.__code__.replace(co_name=f"{fn.__name__}_{id(self):x}")
             own = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__)
             # compile the function itself: torch.compile wraps other callables (a partial) in one shared frame
-            self._compiled[key] = torch.compile(own, fullgraph=True, **{"dynamic": False, **dict(key)})
+            self._compiled[key] = torch.compile(own, fullgraph=True, **{"dynamic": False, **options})
         return functools.partial(self._compiled[key], plan)
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles compile afresh: a compiled step is bound to it
@@ -314,7 +323,9 @@ class Converted(nn.Module):
         With ``compile=True`` the whole gradient computation (forward sweep, tangent streams,
         projections, pull-backs) is one ``torch.compile(fullgraph=True)`` graph: the first step
         compiles (one to several minutes on a CPU), later steps reuse it. A mapping instead of
-        ``True`` is passed on to ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``). Noise guesses
+        ``True`` is passed on to ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``); a step that pushes
+        tangent streams adds inductor's ``layout_optimization=False`` (see the Performance page), which the
+        mapping's ``options`` override. Noise guesses
         are drawn before the compiled call, so compiled and eager steps use the same numbers; the
         optimizer step runs eagerly.
 

@@ -52,7 +52,7 @@ from ._spaces import space_for
 
 __all__ = ["Backprop", "BlockRecord", "Forward", "LocalLearning", "PerSampleForward", "PerSampleReference", "Projected",
            "Reference", "before_compiled_step", "before_step", "check_compilable", "crossing", "gradients",
-           "target_end"]
+           "inductor_options", "target_end"]
 
 Grads = dict[str, Tensor]
 
@@ -117,13 +117,33 @@ def gradients(plan: Plan, inputs: tuple, y: Tensor, noise: list[list[Tensor]],
     """The step as a pure function: ``(grads, new_buffers, metrics)``, grads and buffers by name
     (``blocks.{j}.*``, ``heads.{j}.*``). ``record``, when given, receives the projected sweep's
     per-block internals (``blocks``: :class:`BlockRecord` s, ``estimates``) for ``check``."""
-    method = plan.method
-    if method.kind != "projected":
-        sweep = _SWEEPS[method.kind]
-    else:
-        own = space_for(method).sweeps  # a space with sweeps of its own
-        sweep = _SWEEPS[(own, method.engine) if own else method.engine]
+    sweep = _sweep(plan.method)
+    if sweep.pushes_tangents and torch.compiler.is_compiling():
+        inputs = tuple(_channels_last(t) for t in inputs)
     return sweep(plan, inputs, y, noise, record).run()
+
+
+def _sweep(method: Method) -> type[_Sweep]:
+    if method.kind != "projected":
+        return _SWEEPS[method.kind]
+    own = space_for(method).sweeps  # a space with sweeps of its own
+    return _SWEEPS[(own, method.engine) if own else method.engine]
+
+
+def inductor_options(plan: Plan) -> dict[str, Any]:
+    """Inductor options for ``plan``'s compiled step. A step that pushes tangent streams turns inductor's
+    layout optimisation off: that optimisation gives each convolution's (4-d) output the channels-last
+    layout, which the streams' stacked ``(S, B, C, H, W)`` tangents do not get, and the fused kernels that
+    mix the two layouts read one of them strided, element by element. Such a step instead takes its image
+    inputs channels-last on a CPU (``gradients``), and every tensor derived from them, the streams' too,
+    follows (see the Performance page)."""
+    return {"layout_optimization": False} if _sweep(plan.method).pushes_tangents else {}
+
+
+def _channels_last(t: Any) -> Any:
+    """An image batch on a CPU in channels-last memory format, where oneDNN's convolutions are faster."""
+    image = isinstance(t, Tensor) and t.dim() == 4 and t.is_floating_point() and t.device.type == "cpu"
+    return t.contiguous(memory_format=torch.channels_last) if image else t
 
 
 # ----------------------------------------------------------------------------- per-block state
@@ -174,6 +194,7 @@ class _Sweep:
 
     chained = False  # differentiate each block's input too: backprop and the reference engine chain pull-backs
     runs_heads = True
+    pushes_tangents = False  # carries tangent streams by forward-mode AD
 
     def __init__(self, plan: Plan, inputs: tuple, y: Tensor, noise: list[list[Tensor]], record: dict | None):
         self.plan, self.method, self.inputs, self.y, self.noise = plan, plan.method, inputs, y, noise
@@ -360,6 +381,8 @@ class Projected(_Sweep):
 
 class Forward(Projected):
     """``engine="forward"``: the streams ride along the sweep by forward-mode AD."""
+
+    pushes_tangents = True
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -553,6 +576,8 @@ class PerSampleForward(_PerSample):
     sample ``n`` only), pushed in chunks through the rest of the block and on to the target, where it is
     contracted with the target's cotangent (:func:`fwdtrans._persample.forward_project`). Each chunk runs the
     block and those it crosses again (dropout replayed). No pull-back of the target crosses a block."""
+
+    pushes_tangents = True
 
     def _estimates(self):
         self._train(self.last, self.grad_logits)  # the last block: the exact gradient of the global loss

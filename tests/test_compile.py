@@ -79,6 +79,35 @@ def test_compiled_multi_tensor_cuts_equal_eager_in_float64(float64):
     _compare(converted, x, y, {"backend": "aot_eager"})
 
 
+@pytest.mark.parametrize("method, pushes", [
+    (dict(guess="global"), False),
+    (dict(target="local", guess="local"), False),
+    (dict(guess="local", streams="joint"), True),
+    (dict(guess="ntk", space="weight"), True),
+    (dict(guess="local", engine="reference"), False),
+], ids=lambda m: "-".join(f"{v}" for v in m.values()) if isinstance(m, dict) else str(m))
+def test_compile_options(method, pushes, monkeypatch):
+    """A step that pushes tangent streams compiles with inductor's layout optimisation off; a mode becomes
+    its options (torch.compile takes one or the other); the caller's options win; other backends get none."""
+    from torch._inductor import list_mode_options
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    x = torch.randn(4, 5)
+    converted = fwdtrans.convert(Generated("mlp", [3, 3], "bn", 3, 5), x[:2], blocks=2, heads="linear", **method)
+    off = {"layout_optimization": False} if pushes else {}
+    for given in (None, {"mode": "max-autotune-no-cudagraphs", "options": {"epilogue_fusion": False}},
+                  {"options": {"layout_optimization": True}}, {"backend": "aot_eager"}):
+        converted.compiled_gradients(given)
+    assert calls == [
+        {"fullgraph": True, "dynamic": False, **({"options": off} if off else {})},
+        {"fullgraph": True, "dynamic": False,
+         "options": {**list_mode_options("max-autotune-no-cudagraphs"), **off, "epilogue_fusion": False}},
+        {"fullgraph": True, "dynamic": False, "options": {"layout_optimization": True}},
+        {"fullgraph": True, "dynamic": False, "backend": "aot_eager"},
+    ]
+
+
 def test_many_models_do_not_share_a_recompile_budget():
     x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
     limit = torch._dynamo.config.recompile_limit
