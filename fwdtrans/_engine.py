@@ -135,9 +135,11 @@ def inductor_options(plan: Plan) -> dict[str, Any]:
     layout optimisation off: that optimisation gives each convolution's (4-d) output the channels-last
     layout, which the streams' stacked ``(S, B, C, H, W)`` tangents do not get, and the fused kernels that
     mix the two layouts read one of them strided, element by element. Such a step instead takes its image
-    inputs channels-last on a CPU (``gradients``), and every tensor derived from them, the streams' too,
-    follows (see the Performance page)."""
-    return {"layout_optimization": False} if _sweep(plan.method).pushes_tangents else {}
+    inputs channels-last (``gradients``), and every tensor derived from them, the streams' too, follows
+    (see the Performance page). On a CPU only: on other devices, where it was not measured, inductor's
+    defaults stay."""
+    cpu = all(p.device.type == "cpu" for b in plan.blocks for p in b.parameters())
+    return {"layout_optimization": False} if cpu and _sweep(plan.method).pushes_tangents else {}
 
 
 def _channels_last(t: Any) -> Any:

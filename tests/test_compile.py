@@ -10,6 +10,7 @@ checked against eager in float32: the loss and the last block's exact gradient).
 """
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -106,6 +107,15 @@ def test_compile_options(method, pushes, monkeypatch):
         {"fullgraph": True, "dynamic": False, "options": {"layout_optimization": True}},
         {"fullgraph": True, "dynamic": False, "backend": "aot_eager"},
     ]
+
+
+def test_the_layout_option_is_for_cpu_steps_only():
+    """Off the CPU (not measured there) a step that pushes tangent streams keeps inductor's defaults."""
+    x = torch.randn(4, 5)
+    plan = fwdtrans.convert(Generated("mlp", [3, 3], "bn", 3, 5), x[:2], blocks=2, heads="linear").plan
+    assert fwdtrans._engine.inductor_options(plan) == {"layout_optimization": False}
+    moved = dataclasses.replace(plan, blocks=type(plan.blocks)(copy.deepcopy(b).to("meta") for b in plan.blocks))
+    assert fwdtrans._engine.inductor_options(moved) == {}
 
 
 def test_many_models_do_not_share_a_recompile_budget():
