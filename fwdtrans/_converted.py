@@ -17,12 +17,12 @@ from . import _distributed, _engine, _plan
 from ._blocks import as_inputs
 from ._check import check
 from ._cost import Cost, of_blocks
-from ._cuts import block_costs, choose_cuts, split
+from ._cuts import ModalBlock, block_costs, choose_cuts, split
 from ._errors import FwdTransError
 from ._method import Aggregation, Engine, Granularity, GuessOption, Method, PerSample, SpaceName, Streams, Target
 from ._plan import Plan
 from ._support import attention_context, check_forward_ad, check_recompute, fused_rnn_free, random_blocks
-from ._trace import leaves, original_target, trace
+from ._trace import Traced, leaves, original_target, preserved_state, trace
 from .heads import HeadSpec, build_cut_head, check_head, check_head_keys
 
 __all__ = ["Converted", "convert"]
@@ -77,6 +77,7 @@ class Converted(nn.Module):
         self.input_names: tuple[str, ...] = ()  # forward's argument names, set by convert
         # per tensor leaf of the example inputs: per-sample shape and dtype (None: the parameters' dtype)
         self.input_spec: dict[str, tuple[tuple[int, ...], torch.dtype | None] | None] = {}
+        self.counters: tuple[str, ...] = ()  # num_batches_tracked of BatchNorms traced through (set by convert)
         self._compiled: dict[str, Callable] = {}
 
     @property
@@ -105,7 +106,18 @@ class Converted(nn.Module):
         h = self.blocks[0](*inputs)
         for block in self.blocks[1:]:
             h = block(h)
+        self._count_batches()
         return h
+
+    def _count_batches(self) -> None:
+        """Count a train-mode batch in the ``num_batches_tracked`` of the BatchNorms traced through, as their
+        forward does in Python (which no traced graph carries)."""
+        with torch.no_grad():
+            for name in self.counters:
+                owner, _, attr = name.rpartition(".")
+                module = self.get_submodule(owner)
+                if module.training:
+                    getattr(module, attr).add_(1)
 
     def original_name(self, name: str) -> str:
         """``'blocks.1.layer1.0.conv1.weight'`` -> ``'layer1.0.conv1.weight'``; head names are kept."""
@@ -204,6 +216,7 @@ class Converted(nn.Module):
                 for name, b in self.named_buffers():
                     if name in buffers:
                         b.copy_(buffers[name])
+                self._count_batches()
         return metrics
 
     def _check_step(self, inputs: tuple, y: Tensor, allow_eval: bool) -> None:
@@ -214,6 +227,15 @@ class Converted(nn.Module):
                 "and dropout would be off (convert keeps the original model's mode). Fix: converted.train() before "
                 "training, or allow_eval=True to train in eval mode on purpose."
             )
+        for j, block in enumerate(self.blocks):
+            mixed = next((n for n, m in block.named_modules() if m.training != block.training), None)
+            if isinstance(block, ModalBlock) and mixed is not None:
+                raise FwdTransError(
+                    f"block {j} is in {'train' if block.training else 'eval'} mode but its module '{mixed}' is not: "
+                    "the block traces layers whose arguments depend on the mode (F.batch_norm(..., self.training)), "
+                    "so it runs one graph per mode, for the whole block. Fix: set the mode on the converted model "
+                    "(converted.train() / converted.eval()) or on a whole block."
+                )
         param = next(self.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         if torch.is_autocast_enabled(device.type):
@@ -531,6 +553,7 @@ def convert(
     converted = Converted(modules, head_modules, [c.name for c in cuts], method, num_classes, seed,
                           tuple(c.shapes for c in cuts))
     converted.renamed = traced.renamed
+    converted.counters = _counters(modules, traced)
     converted.sync_batchnorm = bool(sync_batchnorm)
     converted.original_keys = tuple(model.state_dict())
     used = {converted.original_name(k) for k in converted.state_dict() if k.startswith("blocks.")}
@@ -544,20 +567,44 @@ def convert(
         if isinstance(v, Tensor) else None
         for path, v in _named_leaves(example_inputs, converted.input_names).items()
     }
-    converted.eval()  # run every head once on its block's output, leaving BatchNorm statistics as they are
-    with torch.no_grad():
-        h = example_inputs
-        for block, head, name in zip(modules, head_modules, converted.cut_names, strict=False):
-            h = (block(*h),)
-            check_head(head, h[0], num_classes, name)
+    with preserved_state(converted):  # the probes leave every buffer as the model had it
+        converted.eval()  # run every head once on its block's output
+        with torch.no_grad():
+            h = example_inputs
+            for block, head, name in zip(modules, head_modules, converted.cut_names, strict=False):
+                h = (block(*h),)
+                check_head(head, h[0], num_classes, name)
+        converted.train()  # what the steps run
+        converted.cost = of_blocks(method, modules, head_modules, cuts, costs, traced.batch, traced.batch)
+        method.warn_if_costly(method.stream_count(len(modules), traced.batch,
+                                                  [len(list(m.parameters())) for m in modules],
+                                                  [len(c.crossing) for c in cuts]), converted.cost)
+        check_recompute(modules, method)
+        converted.dropout = random_blocks(modules, example_inputs)
+        converted.math_attention = check_forward_ad(modules, example_inputs, method)
     converted.train(model.training)
-    converted.cost = of_blocks(method, modules, head_modules, cuts, costs, traced.batch, traced.batch)
-    method.warn_if_costly(method.stream_count(len(modules), traced.batch, [len(list(m.parameters())) for m in modules],
-                                         [len(c.crossing) for c in cuts]), converted.cost)
-    check_recompute(modules, method)
-    converted.dropout = random_blocks(modules, example_inputs)
-    converted.math_attention = check_forward_ad(modules, example_inputs, method)
     return converted
+
+
+def _counters(blocks: Sequence[nn.Module], traced: Traced) -> tuple[str, ...]:
+    """The converted names of ``traced.counters``: each ``num_batches_tracked`` is registered in the first
+    block that uses its BatchNorm (whose graph reads its statistics, not the counter itself)."""
+    names = []
+    for name in traced.counters:
+        owner, _, attr = name.rpartition(".")
+        j = next((j for j, b in enumerate(blocks) if _has_module(b, owner)), None)
+        if j is not None:
+            blocks[j].get_submodule(owner).register_buffer(attr, traced.root.get_buffer(name))
+            names.append(f"blocks.{j}.{name}")
+    return tuple(names)
+
+
+def _has_module(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _method(method: Method | None, **options: Any) -> Method:

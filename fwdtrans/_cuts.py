@@ -13,19 +13,23 @@ tensor to one tensor; the engine gives each crossing tensor its own head, guess 
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import operator
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._errors import FwdTransError
 from ._trace import Traced
 
-__all__ = ["CutPoint", "block_costs", "choose_cuts", "find_cut_points", "pack", "split", "unpack"]
+__all__ = ["CutPoint", "ModalBlock", "block_costs", "choose_cuts", "find_cut_points", "pack", "split", "unpack"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,6 @@ def find_cut_points(traced: Traced, multi_tensor: bool = False) -> list[CutPoint
     ``multi_tensor`` also the points that several batch-first tensors cross."""
     nodes = _nodes(traced)
     position = {n: i for i, n in enumerate(nodes)}
-    last_use = {n: max((position.get(u, len(nodes)) for u in n.users), default=-1) for n in nodes}
     batch = traced.batch
 
     # last node of every module scope, so a point can be named after the modules that end there
@@ -75,15 +78,11 @@ def find_cut_points(traced: Traced, multi_tensor: bool = False) -> list[CutPoint
             scope_end[".".join(parts[:k])] = i
 
     points: list[CutPoint] = []
-    live: set[fx.Node] = set()
     flops = params = memory = 0
-    for i, n in enumerate(nodes[:-1]):
+    for i, (n, live) in enumerate(_live_sets(nodes)):
         flops += traced.info[n].flops
         params += traced.info[n].params
         memory += math.prod(traced.info[n].shape) if traced.info[n].shape and n.op != "get_attr" else 0
-        if n.op != "get_attr" and last_use[n] > i:
-            live.add(n)
-        live = {v for v in live if last_use[v] > i}
         crossing = sorted(live, key=position.get)
         shapes = [traced.info[v].shape for v in crossing]
         if n not in live or (len(live) > 1 and not multi_tensor):
@@ -104,6 +103,36 @@ def find_cut_points(traced: Traced, multi_tensor: bool = False) -> list[CutPoint
                                tuple(tuple(s[1:]) for s in shapes)))
         flops = params = memory = 0
     return points
+
+
+def _live_sets(nodes: list[fx.Node]) -> Iterator[tuple[fx.Node, set[fx.Node]]]:
+    """Per node but the last, the tensors live after it: computed at or before it, used after it."""
+    position = {n: i for i, n in enumerate(nodes)}
+    last_use = {n: max((position.get(u, len(nodes)) for u in n.users), default=-1) for n in nodes}
+    live: set[fx.Node] = set()
+    for i, n in enumerate(nodes[:-1]):
+        if n.op != "get_attr" and last_use[n] > i:
+            live.add(n)
+        live = {v for v in live if last_use[v] > i}
+        yield n, live
+
+
+def _blocker(traced: Traced, start: int, end: int) -> str | None:
+    """The tensor that keeps the graph from being cut between node positions ``start`` and ``end``: of the
+    points where several tensors are live, the one live at most of them (a graph input, or a mask or position
+    tensor computed once and read by every layer), described for a message."""
+    counts: dict[fx.Node, int] = {}
+    for i, (_, live) in enumerate(_live_sets(_nodes(traced))):
+        if start <= i < end and len(live) > 1:
+            for v in live:
+                counts[v] = counts.get(v, 0) + 1
+    if not counts:
+        return None
+    v = max(counts, key=lambda v: (counts[v], -len(v.users)))
+    if v.op == "placeholder":
+        return f"the input '{v.target}'"
+    scope = traced.info[v].scope
+    return f"the tensor of node '{v.name}'{f' (in module {scope!r})' if scope else ''}"
 
 
 def _in_place(node: fx.Node, traced: Traced) -> bool:
@@ -192,6 +221,16 @@ def choose_cuts(traced: Traced, blocks: int | list[str], balance: str = "flops",
             "see fwdtrans.inspect(model, example_inputs))."
         )
     if isinstance(blocks, int):
+        crosses = "batch-first tensors cross" if multi_tensor else "exactly one tensor crosses"
+        if not points:
+            blocker = _blocker(traced, 0, len(_nodes(traced)))
+            raise FwdTransError(
+                f"{model} cannot be cut: it has no place where {crosses}"
+                f"{f' ({blocker} is live at every point where several are)' if blocker else ''}. Fix: "
+                + ("" if multi_tensor else "allow cuts that several tensors cross (multi_tensor=True); ")
+                + "pass the inputs that the model reads everywhere in example_inputs, or fix them with concrete_args; "
+                "see fwdtrans.inspect(model, example_inputs)."
+            )
         if blocks - 1 > len(points):
             raise FwdTransError(
                 f"blocks={blocks} needs {blocks - 1} cut points, but {model} has only {len(points)} places where "
@@ -202,7 +241,9 @@ def choose_cuts(traced: Traced, blocks: int | list[str], balance: str = "flops",
             )
         costs = [float(getattr(p, balance)) for p in points]
         tail = _totals(traced)[balance] - sum(costs)
-        return [points[i] for i in _balanced(costs, float(tail), blocks - 1)]
+        chosen = [points[i] for i in _balanced(costs, float(tail), blocks - 1)]
+        _warn_if_unbalanced(traced, chosen, balance)
+        return chosen
     by_alias = {a: p for p in points for a in p.aliases}
     chosen = []
     for name in blocks:
@@ -221,44 +262,135 @@ def choose_cuts(traced: Traced, blocks: int | list[str], balance: str = "flops",
     return chosen
 
 
+def _warn_if_unbalanced(traced: Traced, cuts: list[CutPoint], balance: str) -> None:
+    """Warn when one block holds more than twice its share of ``balance`` (and over half of it for two
+    blocks), naming the tensor that keeps the graph from being cut inside it."""
+    costs = [c[balance] for c in block_costs(traced, cuts)]
+    total, count = sum(costs), len(costs)
+    j = max(range(count), key=costs.__getitem__)
+    if not total or costs[j] <= total * min(2 / count, 0.75):
+        return
+    nodes = _nodes(traced)
+    ends = [nodes.index(c.node) for c in cuts]
+    start, end = ([-1, *ends][j] + 1, [*ends, len(nodes)][j])
+    blocker = _blocker(traced, start, end)
+    warnings.warn(
+        f"the blocks of {type(traced.root).__name__} are unbalanced: block {j} holds {costs[j] / total:.0%} of the "
+        f"{balance} (an even share: {1 / count:.0%}), for want of cut points inside it"
+        + (f": {blocker} is live across it, so that no single tensor crosses there" if blocker else "")
+        + ". Fix: pass such inputs in example_inputs or fix them with concrete_args, allow cuts that several tensors "
+        "cross (multi_tensor=True), or name the cuts (blocks=[...], see fwdtrans.inspect(model, example_inputs)).",
+        UserWarning, stacklevel=3,
+    )
+
+
 def split(traced: Traced, cuts: list[CutPoint]) -> list[fx.GraphModule]:
     """One ``GraphModule`` per block; block j maps the tensor at cut j-1 to the tensor at cut j
     (several crossing tensors travel packed).
 
     Blocks share submodules (and so parameters) with ``traced.root``; parameters used through
-    ``get_attr`` nodes are copied into every block that reads them.
+    ``get_attr`` nodes are copied into every block that reads them. Where a layer's arguments depend on
+    the mode (``traced.eval_graph``), each block is a :class:`ModalBlock` holding the slice of either graph.
     """
     nodes = _nodes(traced)
     ends = [nodes.index(c.node) for c in cuts] + [len(nodes) - 1]
-    output = next(n for n in traced.graph.nodes if n.op == "output")
-    modules, start = [], 0
+    train = _slices(traced.graph, ends, [c.crossing for c in cuts], [c.shapes for c in cuts])
+    if traced.eval_graph is None:
+        graphs: list[tuple[fx.Graph, ...]] = [(g,) for g in train]
+    else:  # the same operations, node for node: the eval graph's cuts are at the same positions
+        same = dict(zip(traced.graph.nodes, traced.eval_graph.nodes, strict=True))
+        evals = _slices(traced.eval_graph, ends, [tuple(same[n] for n in c.crossing) for c in cuts],
+                        [c.shapes for c in cuts])
+        graphs = list(zip(train, evals, strict=True))
+    modules: list[fx.GraphModule] = []
+    for j, pair in enumerate(graphs):
+        block = (fx.GraphModule(traced.root, pair[0], class_name=f"Block{j}") if len(pair) == 1
+                 else ModalBlock(traced.root, *pair, class_name=f"Block{j}"))
+        block.graph.eliminate_dead_code()  # get_attr copies that this block does not read
+        block.recompile()
+        modules.append(block.train(traced.root.training))
+    return modules
+
+
+def _slices(graph: fx.Graph, ends: list[int], crossing: list[tuple[fx.Node, ...]],
+            shapes: list[tuple[tuple[int, ...], ...]]) -> list[fx.Graph]:
+    """``graph`` cut after the node positions ``ends`` (the last one: the output), as one graph per block."""
+    nodes = [n for n in graph.nodes if n.op != "output"]
+    output = next(n for n in graph.nodes if n.op == "output")
+    graphs, start = [], 0
     for j, end in enumerate(ends):
-        graph = fx.Graph()
+        block = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         if j > 0:
-            x, crossing = graph.placeholder("x"), cuts[j - 1].crossing
-            if len(crossing) == 1:
-                env[crossing[0]] = x
+            x = block.placeholder("x")
+            if len(crossing[j - 1]) == 1:
+                env[crossing[j - 1][0]] = x
             else:
-                parts = graph.call_function(unpack, (x, cuts[j - 1].shapes))
-                env.update({c: graph.call_function(operator.getitem, (parts, i)) for i, c in enumerate(crossing)})
+                parts = block.call_function(unpack, (x, shapes[j - 1]))
+                env.update({c: block.call_function(operator.getitem, (parts, i))
+                            for i, c in enumerate(crossing[j - 1])})
 
-        def lookup(a: fx.Node, env=env, graph=graph) -> fx.Node:  # this block's env and graph
+        def lookup(a: fx.Node, env=env, block=block) -> fx.Node:  # this block's env and graph
             if a not in env:  # a get_attr defined in an earlier block
-                env[a] = graph.node_copy(a)
+                env[a] = block.node_copy(a)
             return env[a]
 
         for n in nodes[start : end + 1]:
-            env[n] = graph.node_copy(n, lookup)
+            env[n] = block.node_copy(n, lookup)
         if j == len(ends) - 1:
-            graph.output(fx.map_arg(output.args[0], lookup))
-        elif len(cuts[j].crossing) == 1:
-            graph.output(env[cuts[j].crossing[0]])
+            block.output(fx.map_arg(output.args[0], lookup))
+        elif len(crossing[j]) == 1:
+            block.output(env[crossing[j][0]])
         else:
-            graph.output(graph.call_function(pack, tuple(env[c] for c in cuts[j].crossing)))
-        block = fx.GraphModule(traced.root, graph, class_name=f"Block{j}")
-        block.graph.eliminate_dead_code()  # get_attr copies that this block does not read
-        block.recompile()
-        modules.append(block)
+            block.output(block.call_function(pack, tuple(env[c] for c in crossing[j])))
+        graphs.append(block)
         start = end + 1
-    return modules
+    return graphs
+
+
+class ModalBlock(fx.GraphModule):
+    """A block with a graph per mode, for layers whose arguments depend on it (a BatchNorm or dropout
+    traced through, ``F.batch_norm(x, ..., training=self.training)``): ``train()`` and ``eval()`` switch
+    the graph it runs, as they switch a module's behaviour.
+
+    Examples:
+        >>> import torch, fwdtrans
+        >>> class Drop(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return torch.nn.functional.dropout(x, 0.5, training=self.training)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), Drop(), torch.nn.Linear(4, 2))
+        >>> converted = fwdtrans.convert(model, torch.randn(2, 4), blocks=2)
+        >>> x = torch.randn(3, 4)
+        >>> torch.equal(converted.eval()(x), model.eval()(x))
+        True
+    """
+
+    def __init__(self, root: nn.Module, train: fx.Graph, eval_: fx.Graph, class_name: str = "GraphModule"):
+        super().__init__(root, train, class_name)
+        self.mode_graphs = {True: train, False: eval_}
+
+    def train(self, mode: bool = True) -> ModalBlock:
+        super().train(mode)
+        graph = self.mode_graphs[bool(mode)]
+        if self.graph is not graph:
+            self.graph = graph  # recompiles
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ModalBlock:
+        copied = super().__deepcopy__(memo)  # copies the graph it runs; the other one is copied with the same memo
+        copied.mode_graphs = copy.deepcopy(self.__dict__["mode_graphs"], memo)
+        return copied
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled as one plain GraphModule per mode, sharing their modules
+        plain = tuple(fx.GraphModule(self, copy.deepcopy(self.mode_graphs[m])) for m in (True, False))
+        return _modal_block, (*plain, dict(self.named_buffers()), self.training, self.__class__.__name__)
+
+
+def _modal_block(train: fx.GraphModule, eval_: fx.GraphModule, buffers: dict[str, Tensor], training: bool,
+                 name: str) -> ModalBlock:
+    block = ModalBlock(train, train.graph, eval_.graph, name)
+    for key, b in buffers.items():  # those the graphs do not read (a counted num_batches_tracked)
+        owner, _, attr = key.rpartition(".")
+        if not hasattr(block.get_submodule(owner), attr):
+            block.get_submodule(owner).register_buffer(attr, b)
+    return block.train(training)

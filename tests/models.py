@@ -11,8 +11,21 @@ from torch import nn
 import fwdtrans
 
 
+class FunctionalBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm written as timm's ``BatchNormAct2d`` is: ``F.batch_norm(..., self.training)``, traced through,
+    counting its batches in Python."""
+
+    def forward(self, x):
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                            self.momentum, self.eps)
+
+
 def _norm(kind: str, channels: int, dims: int) -> nn.Module:
-    if kind == "bn":
+    if kind == "bnf" and dims == 2:
+        return FunctionalBatchNorm(channels)
+    if kind in ("bn", "bnf"):
         return nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm1d(channels)
     if kind == "gn":
         return nn.GroupNorm(1, channels)
@@ -58,9 +71,10 @@ class Generated(nn.Module):
 
 
 @st.composite
-def generated_models(draw, norms=("none", "bn", "gn")):
-    """``(model, x, y)`` with a random architecture, batch and labels (in the default dtype)."""
-    kind = draw(st.sampled_from(["mlp", "cnn", "rescnn"]))
+def generated_models(draw, norms=("none", "bn", "gn"), kinds=("mlp", "cnn", "rescnn")):
+    """``(model, x, y)`` with a random architecture, batch and labels (in the default dtype); ``norms`` may
+    also name ``"bnf"``, a BatchNorm traced through (:class:`FunctionalBatchNorm`)."""
+    kind = draw(st.sampled_from(kinds))
     widths = draw(st.lists(st.integers(2, 5), min_size=2, max_size=4))
     norm = draw(st.sampled_from(norms))
     classes = draw(st.integers(2, 4))
