@@ -176,9 +176,9 @@ class Converted(nn.Module):
                    compile: bool | Mapping = False, reduce: _distributed.Reducer | None = None) -> dict[str, Tensor]:
         """The step without the checks: writes ``p.grad`` (old gradients cleared) and the buffers (unless the
         loss is not finite); returns detached metrics. ``record`` receives the engine's per-block internals;
-        ``reduce``: a data-parallel step's reductions (``_distributed``). Every caller's step (either engine's,
-        ``check``'s) runs the attention kernel ``convert`` chose: with a head that ignores a parameter (a bias
-        before BatchNorm), that parameter's guess is round-off, and its projection follows the kernel's."""
+        ``reduce``: a data-parallel step's reductions (``_distributed``). Every step (either engine's, ``check``'s)
+        runs on the attention kernel ``convert`` chose: a parameter its head's loss ignores (a bias before the
+        head's BatchNorm) has a round-off guess, and its weight-space estimate follows the kernel's round-off."""
         with attention_context(self.math_attention):
             for p in self.parameters():
                 p.grad = None
