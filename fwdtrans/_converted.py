@@ -182,42 +182,44 @@ class Converted(nn.Module):
         inputs = as_inputs(x)
         self._check_step(inputs, y, allow_eval)
         reduce = _distributed.resolve(self, process_group, distributed, sync_batchnorm, bool(compile))
-        with attention_context(self.math_attention):
-            return self._gradients(inputs, y, compile=compile, reduce=reduce)
+        return self._gradients(inputs, y, compile=compile, reduce=reduce)
 
     def _gradients(self, x: Inputs, y: Tensor, *, record: dict | None = None,
                    compile: bool | Mapping = False, reduce: _distributed.Reducer | None = None) -> dict[str, Tensor]:
         """The step without the checks: writes ``p.grad`` (old gradients cleared) and the buffers (unless the
         loss is not finite); returns detached metrics. ``record`` receives the engine's per-block internals;
-        ``reduce``: a data-parallel step's reductions (``_distributed``)."""
-        for p in self.parameters():
-            p.grad = None
-        plan = self.plan
-        batch = y.shape[0]
-        if reduce is None:
-            noise = _engine.before_step(plan, batch, self.generator)
-        else:
-            plan = dataclasses.replace(plan, reduce=reduce)
-            noise = reduce.draw(plan, batch, self.generator, y)
-        if compile:
-            compiled = self.compiled_gradients(compile if isinstance(compile, Mapping) else None)
-            assert isinstance(compiled, functools.partial)
-            fn = functools.partial(compiled.func, plan)  # this step's plan (a data-parallel step's reductions)
-            _engine.before_compiled_step(plan, as_inputs(x))
-        else:
-            fn = functools.partial(_engine.gradients, plan, record=record)
-        with torch.no_grad(), (reduce.step(batch) if reduce is not None else contextlib.nullcontext()):
-            grads, buffers, metrics = fn(as_inputs(x), y, noise)  # torch.func transforms differentiate on their own
-            if reduce is not None:
-                grads, buffers, metrics = reduce.finish(grads, buffers, metrics)
-            for name, p in self.named_parameters():
-                p.grad = grads.get(name)
-            if torch.isfinite(metrics["loss"]):  # a non-finite step leaves the running statistics as they were
-                for name, b in self.named_buffers():
-                    if name in buffers:
-                        b.copy_(buffers[name])
-                self._count_batches()
-        return metrics
+        ``reduce``: a data-parallel step's reductions (``_distributed``). Every step (either engine's, ``check``'s)
+        runs on the attention kernel ``convert`` chose: a parameter its head's loss ignores (a bias before the
+        head's BatchNorm) has a round-off guess, and its weight-space estimate follows the kernel's round-off."""
+        with attention_context(self.math_attention):
+            for p in self.parameters():
+                p.grad = None
+            plan = self.plan
+            batch = y.shape[0]
+            if reduce is None:
+                noise = _engine.before_step(plan, batch, self.generator)
+            else:
+                plan = dataclasses.replace(plan, reduce=reduce)
+                noise = reduce.draw(plan, batch, self.generator, y)
+            if compile:
+                compiled = self.compiled_gradients(compile if isinstance(compile, Mapping) else None)
+                assert isinstance(compiled, functools.partial)
+                fn = functools.partial(compiled.func, plan)  # this step's plan (a data-parallel step's reductions)
+                _engine.before_compiled_step(plan, as_inputs(x))
+            else:
+                fn = functools.partial(_engine.gradients, plan, record=record)
+            with torch.no_grad(), (reduce.step(batch) if reduce is not None else contextlib.nullcontext()):
+                grads, buffers, metrics = fn(as_inputs(x), y, noise)  # torch.func transforms differentiate on their own
+                if reduce is not None:
+                    grads, buffers, metrics = reduce.finish(grads, buffers, metrics)
+                for name, p in self.named_parameters():
+                    p.grad = grads.get(name)
+                if torch.isfinite(metrics["loss"]):  # a non-finite step leaves the running statistics as they were
+                    for name, b in self.named_buffers():
+                        if name in buffers:
+                            b.copy_(buffers[name])
+                    self._count_batches()
+            return metrics
 
     def _check_step(self, inputs: tuple, y: Tensor, allow_eval: bool) -> None:
         """Refuse, before any work, a step that would fail inside the engine or silently train the wrong thing."""
