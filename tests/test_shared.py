@@ -198,6 +198,27 @@ def test_a_parameter_used_twice_in_one_block_is_differentiated_as_usual(float64)
                 close(g, expected[c.original_name(n)])
 
 
+def test_check_sees_a_shared_parameter_that_gets_one_use_only(float64, monkeypatch):
+    """Both engines share how the gradients of a parameter's uses are gathered: check's autograd through the
+    whole model catches an error there."""
+    x, y = batch("conv")
+    for space in ("activity", "weight"):
+        _, c = converted("conv", space=space)
+        report = fwdtrans.check(c, (x, y))
+        assert report.ok and report.backprop_gap < 1e-12, report
+
+    def first_use_only(self, grads):  # the bug of issue 21: named_parameters() names each parameter once
+        for n, p in self.named_parameters():
+            p.grad = grads.get(n)
+
+    monkeypatch.setattr(fwdtrans.Converted, "_write_gradients", first_use_only)
+    report = fwdtrans.check(c, (x, y))
+    assert report.engine_gap < 1e-12  # the engines agree on the wrong gradient
+    assert not report.ok and report.backprop_gap > 1e-2
+    assert report.backprop_worst.split(".", 2)[-1].split(".")[0] in ("shared", "shift")
+    assert "backprop DISAGREES" in str(report) and report.backprop_worst in str(report)
+
+
 class SharedNorm(nn.Module):
     def __init__(self):
         super().__init__()
