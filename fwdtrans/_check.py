@@ -141,7 +141,7 @@ def _backprop_pairs(model: Converted, x: Any, y: Tensor) -> dict[str, tuple[Tens
     global loss through the whole ``model`` (a copy, which this changes) as one function of its parameters, each
     passed once (``torch.func.grad``, under which dropout draws the step's masks)."""
     model.method = Method(target="global", guess="global")
-    params = {n: p for n, p in model.blocks.named_parameters(prefix="blocks") if p.requires_grad}
+    params: dict[str, Tensor] = {n: p for n, p in model.blocks.named_parameters(prefix="blocks") if p.requires_grad}
     buffers = dict(model.named_buffers())
 
     def loss(p: dict[str, Tensor]) -> Tensor:
@@ -157,7 +157,8 @@ def _backprop_pairs(model: Converted, x: Any, y: Tensor) -> dict[str, tuple[Tens
 
 def check(converted: Converted, batch: tuple[Any, Tensor], *, verbose: bool = False) -> CheckReport:
     """Run one step of both engines on copies of ``converted`` and report, per block, how the
-    estimate compares with the true gradient of its target. ``converted`` is left untouched.
+    estimate compares with the true gradient of its target; then compare the step's backprop with autograd
+    through the whole model (``backprop_gap``). ``converted`` is left untouched.
 
     Examples:
         >>> import torch, fwdtrans
