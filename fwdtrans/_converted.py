@@ -340,7 +340,7 @@ class Converted(nn.Module):
 
         With ``diagnostics=True`` the metrics also hold, per block, ``cosine/block{j}`` (estimate vs
         target gradient), ``norm_ratio/block{j}`` and ``guess_cosine/block{j}`` (the paper's Eq. 6),
-        from [`fwdtrans.check`][fwdtrans.check] on the same batch: about three extra steps' work. Off, they cost
+        from [`fwdtrans.check`][fwdtrans.check] on the same batch: about five extra steps' work. Off, they cost
         nothing.
 
         **Data parallel.** When ``torch.distributed`` is initialised (e.g. under ``torchrun``) the step reduces
