@@ -192,7 +192,8 @@ def test_a_parameter_used_twice_in_one_block_is_differentiated_as_usual(float64)
     expected = {n: p.grad for n, p in model.named_parameters()}
     for engine in ("forward", "reference"):
         c = fwdtrans.convert(model, x, blocks=["tanh_3"], guess="global", target="global", engine=engine)
-        assert [n for n, _ in c.named_parameters(remove_duplicate=False)].count("blocks.0.shared.weight") == 1
+        names = [n for n, _ in c.named_parameters(remove_duplicate=False)]
+        assert [n for n in names if n.endswith("shared.weight")] == ["blocks.0.shared.weight"]  # both uses in block 0
         for n, g in gradients(c, x, y).items():
             if n.startswith("blocks."):
                 close(g, expected[c.original_name(n)])
@@ -260,6 +261,7 @@ def test_the_original_state_dict_of_a_tied_model_round_trips(float64, name):
     close(other(x), c(x))
 
 
+@pytest.mark.usefixtures("float64")
 @settings(max_examples=6, deadline=None)
 @given(uses=st.lists(st.booleans(), min_size=4, max_size=6), data=st.data())
 def test_backprop_through_generated_chains_with_a_reused_layer(uses, data):
@@ -277,20 +279,15 @@ def test_backprop_through_generated_chains_with_a_reused_layer(uses, data):
                 x = torch.tanh((self.shared if shared else self.own[i])(x))
             return self.out(x)
 
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        torch.manual_seed(0)
-        model, x, y = Chain(), torch.randn(4, 5), torch.randint(0, 3, (4,))
-        points = fwdtrans.inspect(model, x).points
-        blocks = data.draw(st.integers(2, min(4, len(points) + 1)), label="blocks")
-        engine = data.draw(st.sampled_from(["forward", "reference"]), label="engine")
-        c = fwdtrans.convert(model, x, blocks=blocks, guess="global", target="global", engine=engine)
-        grads = gradients(c, x, y)
-        F.cross_entropy(model(x), y).backward()
-        expected = dict(model.named_parameters())
-        for n, g in grads.items():
-            if n.startswith("blocks."):
-                close(g, expected[c.original_name(n)].grad)
-    finally:
-        torch.set_default_dtype(old)
+    torch.manual_seed(0)
+    model, x, y = Chain(), torch.randn(4, 5), torch.randint(0, 3, (4,))
+    points = fwdtrans.inspect(model, x).points
+    blocks = data.draw(st.integers(2, min(4, len(points) + 1)), label="blocks")
+    engine = data.draw(st.sampled_from(["forward", "reference"]), label="engine")
+    c = fwdtrans.convert(model, x, blocks=blocks, guess="global", target="global", engine=engine)
+    grads = gradients(c, x, y)
+    F.cross_entropy(model(x), y).backward()
+    expected = dict(model.named_parameters())
+    for n, g in grads.items():
+        if n.startswith("blocks."):
+            close(g, expected[c.original_name(n)].grad)
