@@ -9,8 +9,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._blocks import as_inputs, call, replaying, rng_state
+from ._method import Method
 from ._spaces import space_for
 
 if TYPE_CHECKING:
@@ -58,6 +61,11 @@ class CheckReport:
         worst: the parameter with that gap (``""`` when the engines agree exactly).
         tolerance: the largest gap ``ok`` accepts: the square root of the parameters' dtype's machine epsilon
             (``3.5e-4`` in float32, ``1.5e-8`` in float64): a bug makes the engines differ by far more.
+        backprop_gap: the largest difference between the step's backprop (``guess="global"``, block by block,
+            a parameter used in several blocks summed over its uses) and plain autograd of the global loss
+            through the whole model, relative to the norm of the block's whole true gradient: an error that
+            both engines share (how gradients are gathered into ``p.grad``) shows here.
+        backprop_worst: the parameter with that gap (``""`` when they agree exactly).
     """
 
     method: str
@@ -66,11 +74,14 @@ class CheckReport:
     engine_gap: float  # the largest engine gap over all parameters
     worst: str  # the parameter with the largest engine gap
     tolerance: float  # the largest engine gap `ok` accepts
+    backprop_gap: float = 0.0  # the step's backprop against autograd through the whole model
+    backprop_worst: str = ""  # the parameter with the largest backprop gap
 
     @property
     def ok(self) -> bool:
-        """Every trained parameter covered and the engines agree to ``tolerance``."""
-        return not self.missing and self.engine_gap <= self.tolerance
+        """Every trained parameter covered, the engines agree to ``tolerance``, and so do the step's backprop and
+        autograd through the whole model."""
+        return not self.missing and max(self.engine_gap, self.backprop_gap) <= self.tolerance
 
     def metrics(self) -> dict[str, float]:
         """The report as flat per-step metrics (``cosine/block0``, ...)."""
@@ -93,6 +104,9 @@ class CheckReport:
         verdict = "agree to" if self.engine_gap <= self.tolerance else f"DISAGREE (tolerance {self.tolerance:.1e}) by"
         lines.append(f"engines {verdict} {self.engine_gap:.1e} of their block's gradient"
                      + (f" (worst: {self.worst})" if self.worst else ""))
+        verdict = "agrees to" if self.backprop_gap <= self.tolerance else "DISAGREES by"
+        lines.append(f"backprop {verdict} {self.backprop_gap:.1e} with autograd through the whole model"
+                     + (f" (worst: {self.backprop_worst})" if self.backprop_worst else ""))
         return "\n".join(lines)
 
 
@@ -101,11 +115,9 @@ def _cos(a: Tensor, b: Tensor) -> float:
     return float((a * b).sum()) / denominator if denominator > 0 else math.nan
 
 
-def _gaps(forward: nn.Module, reference: nn.Module) -> dict[str, float]:
-    """Per parameter: ``|forward - reference|`` relative to the norm of its block's (head's) whole reference
-    gradient; 0 if neither engine gives it a gradient, inf if only one does."""
-    pairs = {n: (p.grad, q.grad)
-             for (n, p), (_, q) in zip(forward.named_parameters(), reference.named_parameters(), strict=True)}
+def _gaps(pairs: dict[str, tuple[Tensor | None, Tensor | None]]) -> dict[str, float]:
+    """Per parameter, from its pair ``(a, b)`` of gradients: ``|a - b|`` relative to the norm of its block's
+    (head's) whole gradient ``b``; 0 if neither is given, inf if only one is."""
     unit = {n: ".".join(n.split(".")[:2]) for n in pairs}  # blocks.{j} or heads.{j}
     squares: dict[str, float] = {}
     for n, (_, b) in pairs.items():
@@ -119,9 +131,34 @@ def _gaps(forward: nn.Module, reference: nn.Module) -> dict[str, float]:
     return gaps
 
 
+def _engine_pairs(forward: nn.Module, reference: nn.Module) -> dict[str, tuple[Tensor | None, Tensor | None]]:
+    return {n: (p.grad, q.grad)
+            for (n, p), (_, q) in zip(forward.named_parameters(), reference.named_parameters(), strict=True)}
+
+
+def _backprop_pairs(model: Converted, x: Any, y: Tensor) -> dict[str, tuple[Tensor | None, Tensor | None]]:
+    """Per trained block parameter (each once): the step's backprop (``guess="global"``) and the gradient of the
+    global loss through the whole ``model`` (a copy, which this changes) as one function of its parameters, each
+    passed once (``torch.func.grad``, under which dropout draws the step's masks)."""
+    model.method = Method(target="global", guess="global")
+    params: dict[str, Tensor] = {n: p for n, p in model.blocks.named_parameters(prefix="blocks") if p.requires_grad}
+    buffers = dict(model.named_buffers())
+
+    def loss(p: dict[str, Tensor]) -> Tensor:
+        return F.cross_entropy(call(model, p, buffers, *as_inputs(x))[0], y)
+
+    rng = rng_state()
+    with replaying(rng):
+        model._gradients(as_inputs(x), y)
+    with replaying(rng), torch.no_grad():  # torch.func.grad differentiates on its own
+        true = torch.func.grad(loss)(params)
+    return {n: (p.grad, true[n]) for n, p in params.items()}
+
+
 def check(converted: Converted, batch: tuple[Any, Tensor], *, verbose: bool = False) -> CheckReport:
     """Run one step of both engines on copies of ``converted`` and report, per block, how the
-    estimate compares with the true gradient of its target. ``converted`` is left untouched.
+    estimate compares with the true gradient of its target; then compare the step's backprop with autograd
+    through the whole model (``backprop_gap``). ``converted`` is left untouched.
 
     Examples:
         >>> import torch, fwdtrans
@@ -145,7 +182,8 @@ def check(converted: Converted, batch: tuple[Any, Tensor], *, verbose: bool = Fa
     record: dict = {}
     reference._gradients(x, y, record=record)
 
-    gaps = _gaps(forward, reference)
+    gaps = _gaps(_engine_pairs(forward, reference))
+    backprop = _gaps(_backprop_pairs(reference, x, y))
     trained = {n for n, p in forward.blocks.named_parameters(prefix="blocks") if p.requires_grad}  # frozen: no grad
     if converted.method.trains_heads:
         trained |= {n for n, p in forward.heads.named_parameters(prefix="heads") if p.requires_grad}
@@ -168,9 +206,11 @@ def check(converted: Converted, batch: tuple[Any, Tensor], *, verbose: bool = Fa
         blocks.append(BlockCheck(j, _cos(est, target), ratio, guess, block_gap))
     worst = max(gaps, key=gaps.__getitem__, default="")
     worst = worst if gaps.get(worst) else ""
+    backprop_worst = max(backprop, key=backprop.__getitem__, default="")
+    backprop_worst = backprop_worst if backprop.get(backprop_worst) else ""
     dtype = next(converted.parameters()).dtype if gaps else torch.float32
     report = CheckReport(converted.method.describe(), tuple(blocks), missing, gaps.get(worst, 0.0), worst,
-                         torch.finfo(dtype).eps ** 0.5)
+                         torch.finfo(dtype).eps ** 0.5, backprop.get(backprop_worst, 0.0), backprop_worst)
     if verbose:
         print(report)
     return report

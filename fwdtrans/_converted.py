@@ -74,6 +74,7 @@ class Converted(nn.Module):
         self.renamed: dict[str, str] = {}  # top-level names of the original model renamed in the blocks (_trace)
         self.original_keys: tuple[str, ...] = ()  # the original model's state dict keys; set by convert
         self.unused: dict[str, Tensor] = {}  # its entries that the traced graph never reads
+        self.aliases: dict[str, str] = {}  # its keys of a tensor that the graph reads under another key (tied)
         self.input_names: tuple[str, ...] = ()  # forward's argument names, set by convert
         # per tensor leaf of the example inputs: per-sample shape and dtype (None: the parameters' dtype)
         self.input_spec: dict[str, tuple[tuple[int, ...], torch.dtype | None] | None] = {}
@@ -128,6 +129,7 @@ class Converted(nn.Module):
         """The model's state under the original model's names (heads left out), loadable by the
         original model. Entries the traced graph never reads are carried along unchanged."""
         own = {self.original_name(k): v for k, v in self.state_dict().items() if k.startswith("blocks.")}
+        own.update({alias: own[k] for alias, k in self.aliases.items()})
         return {k: own[k] if k in own else self.unused[k] for k in self.original_keys}
 
     def load_original_state_dict(self, state: Mapping[str, Tensor]) -> None:
@@ -139,7 +141,7 @@ class Converted(nn.Module):
             raise FwdTransError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}. "
                                 "Fix: load a checkpoint of the model that was converted.")
         self.load_state_dict({own[k]: v for k, v in state.items() if k in own}, strict=False)
-        self.unused = {k: v.detach().clone() for k, v in state.items() if k not in own}
+        self.unused = {k: v.detach().clone() for k, v in state.items() if k not in own and k not in self.aliases}
 
     def compute_gradients(self, x: Inputs, y: Tensor, *, compile: bool | Mapping = False,
                           allow_eval: bool = False, process_group: Any = None, distributed: bool | None = None,
@@ -212,14 +214,21 @@ class Converted(nn.Module):
                 grads, buffers, metrics = fn(as_inputs(x), y, noise)  # torch.func transforms differentiate on their own
                 if reduce is not None:
                     grads, buffers, metrics = reduce.finish(grads, buffers, metrics)
-                for name, p in self.named_parameters():
-                    p.grad = grads.get(name)
+                self._write_gradients(grads)
                 if torch.isfinite(metrics["loss"]):  # a non-finite step leaves the running statistics as they were
                     for name, b in self.named_buffers():
                         if name in buffers:
                             b.copy_(buffers[name])
                     self._count_batches()
             return metrics
+
+    def _write_gradients(self, grads: Mapping[str, Tensor]) -> None:
+        """``p.grad`` from the engine's gradients by name; a parameter that several blocks use (one object under
+        each block's name) gets the sum of its uses' gradients (the docs' Methods page)."""
+        for name, p in self.named_parameters(remove_duplicate=False):
+            g = grads.get(name)
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
 
     def _check_step(self, inputs: tuple, y: Tensor, allow_eval: bool) -> None:
         """Refuse, before any work, a step that would fail inside the engine or silently train the wrong thing."""
@@ -355,7 +364,7 @@ class Converted(nn.Module):
 
         With ``diagnostics=True`` the metrics also hold, per block, ``cosine/block{j}`` (estimate vs
         target gradient), ``norm_ratio/block{j}`` and ``guess_cosine/block{j}`` (the paper's Eq. 6),
-        from [`fwdtrans.check`][fwdtrans.check] on the same batch: about three extra steps' work. Off, they cost
+        from [`fwdtrans.check`][fwdtrans.check] on the same batch: about five extra steps' work. Off, they cost
         nothing.
 
         **Data parallel.** When ``torch.distributed`` is initialised (e.g. under ``torchrun``) the step reduces
@@ -548,6 +557,7 @@ def convert(
         method.check_multi_tensor([c.name for c in cuts if len(c.crossing) > 1])
     check_head_keys(heads, cuts)
     modules = split(traced, cuts)
+    _refuse_shared_statistics(modules, traced.renamed)
     costs = block_costs(traced, cuts)
     head_modules = [build_cut_head(heads, cut.shapes, num_classes, name=cut.name, aliases=cut.aliases,
                                    block_flops=cost["flops"] // traced.batch)
@@ -559,7 +569,11 @@ def convert(
     converted.sync_batchnorm = bool(sync_batchnorm)
     converted.original_keys = tuple(model.state_dict())
     used = {converted.original_name(k) for k in converted.state_dict() if k.startswith("blocks.")}
-    converted.unused = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in used}
+    tensors = model.state_dict(keep_vars=True)
+    read = {id(tensors[k]): k for k in used if k in tensors}
+    converted.aliases = {k: read[id(t)] for k, t in tensors.items() if k not in used and id(t) in read}
+    converted.unused = {k: v.detach().clone() for k, v in model.state_dict().items()
+                        if k not in used and k not in converted.aliases}
     ref = next(iter(model.parameters()), None)
     if ref is not None:
         converted.to(device=ref.device, dtype=ref.dtype)
@@ -607,6 +621,31 @@ def _has_module(module: nn.Module, name: str) -> bool:
     except AttributeError:
         return False
     return True
+
+
+def _refuse_shared_statistics(blocks: Sequence[nn.Module], renamed: dict[str, str]) -> None:
+    """Refuse running statistics (a BatchNorm's, called as a module or traced through) that several blocks
+    update: each block updates them from a copy of its own, so one update would be lost (parameters used in
+    several blocks are fine: their gradients add up)."""
+    users: dict[int, tuple[str, str, list[int]]] = {}
+    for j, block in enumerate(blocks):
+        for name, m in block.named_modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+                users.setdefault(id(m), (name, type(m).__name__, []))[2].append(j)
+        for name, b in block.named_buffers():
+            owner, _, attr = name.rpartition(".")
+            if attr in ("running_mean", "running_var") and not isinstance(block.get_submodule(owner),
+                                                                           nn.modules.batchnorm._NormBase):
+                users.setdefault(id(b), (owner, "BatchNorm traced through", []))[2].append(j)
+    for name, kind, js in users.values():
+        if len(js) > 1:
+            raise FwdTransError(
+                f"module '{original_target(name, renamed)}' ({kind}) runs in blocks "
+                f"{', '.join(map(str, js))}: each block would update its running statistics from a copy of its own "
+                "and one update would be lost. Fix: cut so that all its uses fall in one block (blocks=[names] "
+                "with no cut between its first use and its last; see fwdtrans.inspect), or give each use its own "
+                "module."
+            )
 
 
 def _method(method: Method | None, **options: Any) -> Method:

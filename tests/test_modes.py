@@ -239,3 +239,18 @@ def test_a_top_level_forward_of_args_and_kwargs_is_told_to_be_wrapped():
         fwdtrans.convert(Model(), torch.randn(2, 4), blocks=2)
     assert "leaf_modules" not in str(error.value)
 
+
+
+def test_a_batchnorm_traced_through_in_two_blocks_is_refused():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.bn = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), FunctionalBatchNorm(4)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = self.bn(self.c2(torch.relu(self.bn(self.c1(x)))))
+            return self.fc(x.mean((2, 3)))
+
+    with pytest.raises(fwdtrans.FwdTransError, match=r"module 'bn' \(BatchNorm traced through\) runs in blocks 0, 1"):
+        fwdtrans.convert(Twice(), torch.randn(2, 3, 4, 4), blocks=["c2"])
