@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 import torch.func
-from torch import Tensor, nn
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
 from torch._functorch import eager_transforms as _et  # torch.func.vjp's building blocks (see vjp)
 from torch.func import functional_call, jvp
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -97,9 +98,29 @@ def call(module: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor
 
 
 def norm_affine(block: nn.Module) -> tuple[str, ...]:
-    """Names of the affine parameters of ``block``'s normalisation layers."""
-    return tuple(f"{name}.{k}" for name, m in block.named_modules()
-                 if isinstance(m, nn.modules.batchnorm._NormBase) for k, _ in m.named_parameters(recurse=False))
+    """Names of the affine parameters of ``block``'s BatchNorms: modules, and ``F.batch_norm`` calls traced
+    through (read from the graph eagerly, once per graph: under ``torch.compile`` the last eager answer)."""
+    modules = tuple(f"{name}.{k}" for name, m in block.named_modules()
+                    if isinstance(m, nn.modules.batchnorm._NormBase) for k, _ in m.named_parameters(recurse=False))
+    cached: tuple[int, tuple[str, ...]] | None = block.__dict__.get("_fwdtrans_functional_norms")
+    if torch.compiler.is_compiling() or not isinstance(block, fx.GraphModule):
+        return modules + (cached[1] if cached else ())
+    if cached is None or cached[0] != id(block.graph):
+        cached = id(block.graph), _functional_norm_affine(block.graph)
+        block.__dict__["_fwdtrans_functional_norms"] = cached
+    return modules + cached[1]
+
+
+def _functional_norm_affine(graph: fx.Graph) -> tuple[str, ...]:
+    """The ``get_attr`` targets of the weight and bias of every ``F.batch_norm`` call in ``graph``."""
+    names: list[str] = []
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target in (F.batch_norm, torch.batch_norm):
+            signature = ("input", "running_mean", "running_var", "weight", "bias")
+            args = {**dict(zip(signature, n.args, strict=False)), **n.kwargs}
+            names += [str(a.target) for k in ("weight", "bias")
+                      if isinstance(a := args.get(k), fx.Node) and a.op == "get_attr"]
+    return tuple(dict.fromkeys(names))
 
 
 def push(block: nn.Module, h: Tensor, streams: Sequence[Tensor], st: State | None = None

@@ -43,7 +43,7 @@ from torch import Tensor, fx
 from torch.func import vmap
 
 from . import _persample, _tangents
-from ._blocks import call, push, replaying, rng_state, state, vjp
+from ._blocks import call, norm_affine, push, replaying, rng_state, state, vjp
 from ._errors import FwdTransError
 from ._guesses import guess_for
 from ._method import Method
@@ -94,6 +94,7 @@ def before_compiled_step(plan: Plan, inputs: tuple) -> None:
     deltas: Dynamo traces none of these)."""
     for block in plan.blocks:
         _tangents.program(block)
+        norm_affine(block)  # read from the graph: Dynamo traces no fx internals
     if plan.method.kind == "projected":
         space_for(plan.method).warm(plan, inputs)
 

@@ -254,3 +254,17 @@ def test_a_batchnorm_traced_through_in_two_blocks_is_refused():
 
     with pytest.raises(fwdtrans.FwdTransError, match=r"module 'bn' \(BatchNorm traced through\) runs in blocks 0, 1"):
         fwdtrans.convert(Twice(), torch.randn(2, 3, 4, 4), blocks=["c2"])
+
+
+def test_a_compiled_step_through_layers_traced_through_equals_eager(float64):
+    """torch 2.13 cannot compile a BatchNorm whose input carries a tangent while its weight does not
+    (pytorch/pytorch#139756): F.batch_norm calls traced through get the same work-around as BatchNorm modules."""
+    torch.manual_seed(0)
+    model, x, y = Net(p=0.0).double(), torch.randn(6, 3, 8, 8), torch.randint(0, 3, (6,))
+    compiled = fwdtrans.convert(model, x, blocks=3, heads="linear")
+    eager = copy.deepcopy(compiled)
+    compiled.compute_gradients(x, y, compile=True)
+    eager.compute_gradients(x, y)
+    for (name, p), q in zip(compiled.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)
+    assert torch.equal(compiled.original_state_dict()["b1.num_batches_tracked"], torch.tensor(1))
