@@ -195,7 +195,7 @@ class Stack(nn.Module):  # timm's ViT: forward(x, attn_mask=None, is_causal=Fals
 def test_unsupplied_default_arguments_are_specialised():
     model, x = Stack(), torch.randn(4, 8)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)
         converted = fwdtrans.convert(model, x, blocks=4, heads="linear")
     assert converted.cut_names == ("layers.0", "layers.1", "layers.2")
     assert converted.input_names == ("x",)
@@ -268,3 +268,20 @@ def test_a_compiled_step_through_layers_traced_through_equals_eager(float64):
     for (name, p), q in zip(compiled.named_parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)
     assert torch.equal(compiled.original_state_dict()["b1.num_batches_tracked"], torch.tensor(1))
+
+
+def test_one_operation_over_its_share_is_no_imbalance_to_warn_about():
+    class Stem(nn.Module):  # DenseNet's 7x7 stem holds over half of its FLOPs at a small input size
+        def __init__(self):
+            super().__init__()
+            self.conv, self.c2, self.c3, self.fc = nn.Conv2d(3, 64, 7), nn.Conv2d(64, 4, 1), nn.Conv2d(4, 4, 1), \
+                nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.conv(x)
+            h = h * torch.sigmoid(h.mean((2, 3), keepdim=True))
+            return self.fc(self.c3(self.c2(h).relu()).mean((2, 3)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fwdtrans.convert(Stem(), torch.randn(2, 3, 16, 16), blocks=3, heads="linear")
