@@ -32,8 +32,8 @@ class BlockCheck:
             method's space.
         norm_ratio: ``|estimate| / |target gradient|``.
         guess_cosine: the paper's Eq. 6: cosine between guess and target, averaged over samples
-            (activity space) or parameter tensors (weight space; a tensor whose target is round-off next to
-            the block's, such as a bias before BatchNorm, has no direction and is left out).
+            (activity space) or parameter tensors (weight space; a tensor whose target or guess is round-off next
+            to the block's, such as a bias before BatchNorm, has no direction and is left out).
         engine_gap: the largest difference between the engines' gradients of one of the block's parameters,
             relative to the norm of the block's whole gradient (reference engine).
     """

@@ -191,8 +191,7 @@ class Converted(nn.Module):
         """The step without the checks: writes ``p.grad`` (old gradients cleared) and the buffers (unless the
         loss is not finite); returns detached metrics. ``record`` receives the engine's per-block internals;
         ``reduce``: a data-parallel step's reductions (``_distributed``). Every step (either engine's, ``check``'s)
-        runs on the attention kernel ``convert`` chose: a parameter its head's loss ignores (a bias before the
-        head's BatchNorm) has a round-off guess, and its weight-space estimate follows the kernel's round-off."""
+        runs on the attention kernel ``convert`` chose."""
         with attention_context(self.math_attention):
             for p in self.parameters():
                 p.grad = None

@@ -108,7 +108,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.func import functional_call, jvp, vjp, vmap
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ._blocks import norm_affine, replaying
 from ._errors import FwdTransError
@@ -391,16 +391,23 @@ def record(block: fx.GraphModule, params: dict[str, Tensor], buffers: dict[str, 
     shapes = _site_shapes(plan, block, params, buffers, inputs)[0]
     deltas = tuple(like.new_zeros((), dtype=dt).expand(shape) for shape, dt in shapes)
 
-    def f(d: tuple[Tensor, ...], *x: Tensor) -> tuple[Any, tuple[tuple, dict[str, Tensor]]]:
+    constants: list = []  # the recorded values that are not tensors (a size read from an input), and the layout
+
+    def f(d: tuple[Tensor, ...], *x: Tensor) -> tuple[Any, tuple[list[Tensor], dict[str, Tensor]]]:
         fresh = {k: b.clone() for k, b in buffers.items()}
         out, recs = functional_call(plan.gm, (params, fresh), (d, *x))
-        return out, (recs, fresh)
+        leaves, spec = tree_flatten(recs)
+        constants[:] = [spec, [(isinstance(v, Tensor), None if isinstance(v, Tensor) else v) for v in leaves]]
+        return out, ([v for v in leaves if isinstance(v, Tensor)], fresh)  # a vjp's aux holds tensors only
 
     if wrt_inputs:
         res: Any = vjp(f, deltas, *inputs, has_aux=True)
     else:
         res = vjp(lambda d: f(d, *inputs), deltas, has_aux=True)
-    out, pull, (recs, new) = res
+    out, pull, (tensors, new) = res
+    spec, leaves = constants
+    it = iter(tensors)
+    recs = tree_unflatten([next(it) if tensor else v for tensor, v in leaves], spec)
     batch = like.shape[0]
     return PerSampleRecord(out, new, pull, plan, dict(params), dict(buffers), recs, batch, wrt_inputs, inputs,
                            list(shapes))
@@ -721,6 +728,11 @@ class _Context:
             return v.expand(out) if local == "bias" else v * self._norm_xhat(i)[sl]
         # any other node (checked not to mix samples): its own jvp, one sample at a time
         pvals, dims, part = self._fallback_args(i, sl)
+        if all(d is None for d in dims):  # an output batched from the parameters alone: sample n's row
+            n = torch.arange(c, device=v.device)
+            site = vmap(lambda vn: jvp(lambda p: self._site_call(i, {**pvals, local: p}, part), (pvals[local],),
+                                       (vn,))[1])(v)
+            return site[n, n + sl.start]
 
         def one(vn: Tensor, *r: Tensor) -> Tensor:
             r = tuple(x[None] if d == 0 else x for x, d in zip(r, dims, strict=True))
@@ -892,6 +904,11 @@ class _Context:
         pvals = {loc: self.rec.params[full] for loc, full in s.roles.items()}
         dims = tuple(0 if isinstance(r, Tensor) and r.dim() > 0 and r.shape[0] == batch else None for r in recs)
         if all(d is None for d in dims):
+            # a parameter expanded to the batch by a size read from the input (a class token): row n is sample n's
+            sizes = [r for r in recs if not isinstance(r, Tensor)]
+            sized = any(r == batch or isinstance(r, tuple) and r[:1] == (batch,) for r in sizes)
+            if sized and self.rec.shapes[i][0][:1] == (batch,):
+                return pvals, dims, recs
             raise FwdTransError(f"per-sample projection: node {s.node!r} uses trained parameters "
                                 f"{sorted(s.roles.values())} but none of its inputs is batched; no per-sample "
                                 "share exists. Fix: freeze them, or use another weight-space granularity.")
@@ -905,6 +922,12 @@ class _Context:
         """Shares ``(S, c, *p)`` of every parameter of site ``i`` for samples ``sl``, per gradient given."""
         gs = torch.stack([g[sl] for g in grads])
         pvals, dims, part = self._fallback_args(i, sl)
+        if all(d is None for d in dims):  # sample n's share: the pull-back of its row of the output gradient
+            pull = vjp(lambda p: self._site_call(i, p, part), pvals)[1]
+            rows = gs.new_zeros(*gs.shape[:2], *self.rec.shapes[i][0])
+            n = torch.arange(gs.shape[1], device=gs.device)
+            rows[:, n, n + sl.start] = gs
+            return vmap(vmap(lambda r: pull(r)[0]))(rows)
 
         def one(g: Tensor, *r: Tensor) -> dict[str, Tensor]:
             r = tuple(x[None] if d == 0 else x for x, d in zip(r, dims, strict=True))

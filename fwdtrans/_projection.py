@@ -21,9 +21,12 @@ def combine(d: Tensor, v: Tensor, *, normalise: bool, aggregation: str) -> Tenso
 
     ``normalise`` makes each guess a unit direction (``<t, v> v / |v|^2``), as for head guesses;
     noise guesses are used as drawn. ``aggregation="project"`` returns ``V (V^T V)^-1 V^T t``.
+    A unit whose guesses are zero carries no direction: its estimate is zero.
     """
     if aggregation == "project":
         gram = torch.einsum("iud,jud->uij", v, v)
+        empty = gram.diagonal(dim1=-2, dim2=-1).sum(-1) == 0  # a unit whose guesses are zero: its estimate is zero
+        gram = gram + empty[:, None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
         eig = torch.linalg.eigvalsh(gram)
         chol, info = torch.linalg.cholesky_ex(gram)
         singular = eig[:, 0] <= eig[:, -1] * gram.shape[-1] * torch.finfo(v.dtype).eps * 10
@@ -36,7 +39,8 @@ def combine(d: Tensor, v: Tensor, *, normalise: bool, aggregation: str) -> Tenso
         coef = torch.cholesky_solve(d.T.unsqueeze(-1), chol).squeeze(-1)  # (U, k)
         return torch.einsum("ui,iud->ud", coef, v)
     if normalise:
-        d = d / (v * v).sum(-1).clamp_min(torch.finfo(v.dtype).tiny)
+        norm2 = (v * v).sum(-1)
+        d = torch.where(norm2 > 0, d / norm2.clamp_min(torch.finfo(v.dtype).tiny), 0)
     return (d.unsqueeze(-1) * v).mean(0)
 
 

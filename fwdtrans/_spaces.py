@@ -243,6 +243,10 @@ class Weight(Space):
         b.directions = sweep.guess.at_params(lambda: list(sweep.param_grads(j, b.g).values()), sweep.noise[j])
         if sweep.plan.reduce is not None:  # data parallel: the whole batch's guess, before it is pushed
             b.directions = sweep.plan.reduce.guess(sweep, b.directions)
+        if sweep.guess.normalise:  # a head's gradient: a tensor whose guess is round-off has none (see _significant)
+            keep = _significant(b.directions)
+            b.directions = [torch.where(k.view(-1, *([1] * (v.dim() - 1))), v, 0)
+                            for k, v in zip(keep, b.directions, strict=True)]
         b.normalise, b.units = sweep.guess.normalise, self.units(len(trained))
         return True
 
@@ -295,16 +299,24 @@ class Weight(Space):
         return _weight_alignment(b.target, b.directions, estimate)
 
 
+def _significant(tensors: Sequence[Tensor]) -> Tensor:
+    """``(P, k)`` for a block's ``P`` tensors of rows ``(k, *p)``: whether row ``i`` of a tensor is more than
+    round-off next to the block's, ``|x_p| > sqrt(eps) |x|`` (``x`` all ``P`` tensors' rows ``i``). A head's loss
+    may ignore a tensor (a bias before BatchNorm, one shifting every sample alike before the ``"mlp"`` head's
+    BatchNorm): its gradient is zero but for round-off, whose direction depends on how it was computed."""
+    norms = torch.stack([x.flatten(1).norm(dim=1) for x in tensors])
+    return norms > torch.finfo(norms.dtype).eps ** 0.5 * norms.norm(dim=0)
+
+
 def _weight_alignment(targets: list[Tensor] | None, guesses: list[Tensor], estimate: Sequence[Tensor]
                       ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]] | None:
-    """Weight space's ``alignment``: per parameter tensor the target, the estimate and the guess ``(1, *p)``."""
+    """Weight space's ``alignment``: per parameter tensor the target, the estimate and the guess ``(1, *p)``; a
+    tensor whose target or guess is round-off next to the block's has no direction and is left out of the pairs."""
     if not targets:
         return None
-    target = torch.cat([t.reshape(-1) for t in targets])
-    # a tensor whose target is round-off next to the block's (a bias before BatchNorm) has no direction
-    floor = torch.finfo(target.dtype).eps ** 0.5 * float(target.norm())
-    pairs = [(t, v[0]) for t, v in zip(targets, guesses, strict=True) if float(t.norm()) > floor]
-    return target, torch.cat([e.reshape(-1) for e in estimate]), pairs
+    keep = _significant([t[None] for t in targets])[:, 0] & _significant(guesses)[:, 0]
+    pairs = [(t, v[0]) for t, v, k in zip(targets, guesses, keep.tolist(), strict=True) if k]
+    return torch.cat([t.reshape(-1) for t in targets]), torch.cat([e.reshape(-1) for e in estimate]), pairs
 
 
 class PerSampleWeight(Space):

@@ -39,6 +39,11 @@ class _PerSampleCopies(fx.Interpreter):
     def get_attr(self, target, args, kwargs):
         return self.stacked.get(target, super().get_attr(target, args, kwargs))  # broadcast in elementwise ops
 
+    def call_method(self, target, args, kwargs):
+        if target == "expand" and any(args[0] is s for s in self.stacked.values()):  # (1, ...) expanded to the batch
+            return args[0].squeeze(1)  # row n: sample n's copy
+        return super().call_method(target, args, kwargs)
+
     def call_module(self, target, args, kwargs):
         m = self.fetch_attr(target)
         pre = f"{target}."
@@ -243,6 +248,33 @@ def test_linear_on_sequences(guess, batch, t, d, seed):
     head = nn.Linear(3, 3)
     target = _ce(lambda h: nn.functional.linear(torch.tanh(h).mean(1), torch.ones(3, 3) + torch.eye(3)), y)
     _case(net, x, target, _ce(lambda h: head(h.mean(1)), y), noise=guess == "noise", seed=seed)
+
+
+class ClassToken(nn.Module):
+    """A ViT's class token, expanded to the batch by a size read from the input: no input of its node is batched."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.embed = nn.Linear(3, d)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        x = self.embed(x)
+        return self.norm(torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1))
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("guess", GUESSES)
+def test_a_parameter_expanded_to_the_batch_size(guess):
+    """Sample ``n``'s share of the class token is its row's: the recorded size is a constant, not a layer input."""
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 5, 3), torch.randint(0, 3, (3,))
+    target = _ce(nn.Sequential(nn.Linear(4, 2), nn.Tanh(), nn.Linear(2, 3)), y)
+    torch.manual_seed(1 if guess == "local" else 7)
+    head = nn.Linear(4, 3)
+    _case(ClassToken(), x, lambda h: target(h.mean(1)), _ce(lambda h: head(h[:, 0]), y), noise=guess == "noise",
+          paths=("auto", "fallback"))
 
 
 @pytest.mark.usefixtures("float64")
