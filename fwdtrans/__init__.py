@@ -12,10 +12,9 @@ Example:
 from . import heads, models
 from ._check import BlockCheck, CheckReport, check
 from ._converted import Converted, convert
-from ._cost import Cost
 from ._errors import FwdTransError
 from ._inspect import CutReport, inspect
-from ._method import Method
+from ._method import Cost, Method
 
 __version__ = "0.1.0"
 __all__ = [

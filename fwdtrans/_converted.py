@@ -16,10 +16,10 @@ from torch import Tensor, nn
 from . import _distributed, _engine, _plan
 from ._blocks import as_inputs
 from ._check import check
-from ._cost import Cost, of_blocks
+from ._cost import of_blocks
 from ._cuts import ModalBlock, block_costs, choose_cuts, split
 from ._errors import FwdTransError
-from ._method import Aggregation, Engine, Granularity, GuessOption, Method, PerSample, SpaceName, Streams, Target
+from ._method import Aggregation, Cost, Engine, Granularity, GuessOption, Method, PerSample, SpaceName, Streams, Target
 from ._plan import Plan
 from ._support import attention_context, check_forward_ad, check_recompute, fused_rnn_free, random_blocks
 from ._trace import Traced, leaves, original_target, preserved_state, trace

@@ -23,62 +23,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from torch import nn
 
 from ._cuts import CutPoint
-from ._method import Method
-from ._spaces import space_for
+from ._method import BACKPROP, Cost, Method
 from .heads import head_flops
 
-__all__ = ["Cost", "of_blocks", "predict"]
-
-BACKPROP = 3.0  # one forward and its backward (input and weight gradients), in forward passes
-
-
-@dataclass(frozen=True)
-class Cost:
-    """One step's predicted cost, in forward passes of the blocks (``F``).
-
-    Attributes:
-        streams: tangent streams the forward engine propagates per step (``Method.stream_count``).
-        forward: the forward engine's step, in ``F``.
-        reference: the reference engine's step (the same estimates by pull-backs), in ``F``.
-        backprop: a backprop step, ``3F``.
-        tangent_bytes: the forward engine's largest bundle of open tangents (bytes at the step's batch,
-            float32); the ``vmap(jvp)`` temporaries of a block come on top, a few times this.
-
-    Examples:
-        >>> import torch, fwdtrans
-        >>> model = fwdtrans.models.resnet18(width=4)
-        >>> method = fwdtrans.Method(space="weight", granularity="tensor")
-        >>> cost = fwdtrans.inspect(model, torch.randn(2, 3, 32, 32), blocks=model.paper_cuts(), heads="linear",
-        ...                         method=method, batch=64).cost
-        >>> cost.streams, cost.cheaper, cost.backprop
-        (54, 'reference', 3.0)
-    """
-
-    streams: int
-    forward: float
-    reference: float
-    backprop: float = BACKPROP
-    tangent_bytes: int = 0
-
-    @property
-    def cheaper(self) -> str:
-        """The engine with the lower predicted cost (``"forward"`` on a tie)."""
-        return "reference" if self.reference < self.forward else "forward"
-
-    def ratio(self, engine: str) -> float:
-        """The predicted step time of ``engine`` over backprop's."""
-        return (self.forward if engine == "forward" else self.reference) / self.backprop
-
-    def __str__(self) -> str:
-        return (f"{self.streams} tangent streams; predicted cost (forward passes F, backprop {self.backprop:.1f}F): "
-                f"forward engine {self.forward:.1f}F ({self.ratio('forward'):.2f}x backprop), reference engine "
-                f"{self.reference:.1f}F ({self.ratio('reference'):.2f}x backprop)")
-
+__all__ = ["of_blocks", "predict"]
 
 def predict(method: Method, block_flops: Sequence[float], head_flops: Sequence[float], tensors: Sequence[int],
             batch: int, out_sizes: Sequence[int] = (), crossing: Sequence[int] | None = None) -> Cost:
@@ -99,19 +51,16 @@ def predict(method: Method, block_flops: Sequence[float], head_flops: Sequence[f
     if method.kind == "local":
         cost = 1.0 + 2.0 * sum(f) + heads
         return Cost(0, cost, cost)
-    from ._engine import target_end  # the engine imports this module's users, not the other way round
-
-    space = space_for(method)
     k, joint = method.tangents, method.joint
-    opened = [space.streams_at(batch, tensors[j], crossing[j]) if tensors[j] or not space.param_tangents else 0
+    opened = [method.streams_at(batch, tensors[j], crossing[j]) if tensors[j] or not method.param_tangents else 0
               for j in range(last)]
-    ends = [target_end(method.target, j, last) for j in range(last)]
+    ends = [method.target_end(j, last) for j in range(last)]
     head_guess = not callable(method.guess) and method.guess in ("local", "ntk", "fixed-ntk")
-    sample = method.space == "weight" and method.granularity == "sample"
+    sample = method.per_sample_weight
     base = 1.0 + heads + 2.0 * f[last]  # the forward, the heads, the last block's exact gradient
 
     # reference engine: the walk back (input gradients only; per output sample: one row per sample), then per block
-    rows = batch if space.per_sample else 1
+    rows = batch if method.reads_per_sample else 1
     walk = rows * sum(f[1:]) if method.target != "local" else 0.0
     reference = base + walk
     for j in range(last):
@@ -119,7 +68,7 @@ def predict(method: Method, block_flops: Sequence[float], head_flops: Sequence[f
             continue
         if sample:  # two pull-backs through the recorded block and the per-layer contractions
             reference += 4.0 * f[j]
-        elif space.param_tangents:  # the target's parameter gradient, and the guess's
+        elif method.param_tangents:  # the target's parameter gradient, and the guess's
             reference += 2.0 * f[j] * (2 if head_guess else 1)
         else:  # the estimate's pull-back to the parameters
             reference += 2.0 * f[j]
@@ -129,7 +78,7 @@ def predict(method: Method, block_flops: Sequence[float], head_flops: Sequence[f
     crossings = [0.0] * len(f)  # streams pushed through each block from its input
     alive = [0] * len(f)  # streams open at each block's output
     for j in range(last):
-        if space.param_tangents:
+        if method.param_tangents:
             if tensors[j]:
                 forward += (2.0 * f[j] if head_guess else 0.0) + f[j] + opened[j] * 2.0 * f[j]
         else:

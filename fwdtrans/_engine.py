@@ -5,7 +5,7 @@ One forward sweep runs the blocks in order, each as a pure function of its param
 (but the last) its head gives the local loss, its gradient ``g = dl/dh`` and the block's Gradient
 Guess. Each guess opens a *bundle* of tangent streams at the block (``_spaces``: the guess itself in
 activity space, its image ``J_theta v`` in weight space) that ends where the block's target is read
-(:func:`target_end`): its own output (local target), the next block's output (intermediate) or the
+(``Method.target_end``): its own output (local target), the next block's output (intermediate) or the
 logits (global). There its streams are contracted with the target's cotangent, giving directional
 derivatives ``d``.
 
@@ -31,7 +31,6 @@ must happen before it, eagerly (NTK heads re-drawn, noise drawn).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -51,27 +50,10 @@ from ._plan import Plan
 from ._spaces import space_for
 
 __all__ = ["Backprop", "BlockRecord", "Forward", "LocalLearning", "PerSampleForward", "PerSampleReference", "Projected",
-           "Reference", "before_compiled_step", "before_step", "check_compilable", "crossing", "gradients",
-           "inductor_options", "target_end"]
+           "Reference", "before_compiled_step", "before_step", "check_compilable", "gradients",
+           "inductor_options"]
 
 Grads = dict[str, Tensor]
-
-# how many blocks past its own a block's target is read: 0 (local), 1 (intermediate), the logits (global)
-_REACH = {"local": 0, "intermediate": 1, "global": math.inf}
-
-
-def target_end(target: str, j: int, last: int) -> int:
-    """The block at whose output block ``j``'s target is read (``last``: the logits)."""
-    return int(min(j + _REACH[target], last))
-
-
-def crossing(method: Method, j: int, last: int, trained: bool) -> tuple[bool, bool]:
-    """What the forward engine pushes through block ``j`` (``trained``: it has trained parameters):
-    (a tangent at its input, parameter tangents)."""
-    if method.kind != "projected" or method.engine != "forward":
-        return False, False
-    return j > 0 and _REACH[method.target] > 0, space_for(method).param_tangents and j < last and trained
-
 
 def check_compilable(plan: Plan) -> None:
     """Refuse a plan whose step cannot be compiled."""
@@ -352,7 +334,7 @@ class Projected(_Sweep):
         raise NotImplementedError
 
     def _end(self, j: int) -> int:
-        return target_end(self.method.target, j, self.last)
+        return self.method.target_end(j, self.last)
 
     def target_param_grads(self, j: int, cotangent: Tensor) -> Grads:
         """Block ``j``'s parameter cotangents from its target's ``cotangent`` at its output."""

@@ -9,10 +9,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from ._blocks import as_inputs
-from ._cost import Cost, of_blocks
+from ._cost import of_blocks
 from ._cuts import CutPoint, block_costs, choose_cuts, find_cut_points, split
 from ._errors import FwdTransError
-from ._method import Method
+from ._method import Cost, Method
 from ._trace import trace
 from .heads import HeadSpec, build_cut_head, check_head_keys, head_flops
 

@@ -1,26 +1,25 @@
-"""Which gradient each block receives: a Gradient Target, a Gradient Guess and a space.
+"""The vocabulary: which gradient each block receives (a Gradient Target, a Gradient Guess and a space),
+the facts of each space that hold before any engine runs it, and a step's predicted :class:`Cost`.
 
 The options follow the paper (Fournier et al., 2023, section 3) and map one to one onto the
 official code's flags; the docs' "Methods" page has the table. Everything is validated here, at
-``convert`` time, so a bad combination fails before any training.
+``convert`` time, so a bad combination fails before any training. This module imports nothing else of
+fwdtrans but its errors: every layer above reads it (docs' Architecture page).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Literal, get_args
 
 from torch import Tensor
 
 from ._errors import FwdTransError
-from ._spaces import space_class, space_for  # which import nothing of this module at run time
 
-if TYPE_CHECKING:
-    from ._cost import Cost
-
-__all__ = ["Method"]
+__all__ = ["BACKPROP", "Cost", "Method"]
 
 # The options, one Literal each: the fields' types, their validation and the CLI's choices come from these.
 Target = Literal["global", "local", "intermediate"]
@@ -45,6 +44,53 @@ STREAMS: tuple[str, ...] = get_args(Streams)
 NOISE = ("gaussian", "rademacher")
 HEAD_GUESSES = ("local", "ntk", "fixed-ntk")
 MANY_STREAMS = 64  # convert() warns above this many tangent streams per step
+BACKPROP = 3.0  # one forward and its backward (input and weight gradients), in forward passes
+# how many blocks past its own a block's target is read: 0 (local), 1 (intermediate), the logits (global)
+REACH = {"local": 0, "intermediate": 1, "global": math.inf}
+CHEAPER = "granularity='block' or 'joint', fewer tangents, or per_sample='by-loss'"  # the cost warning's advice
+
+
+@dataclass(frozen=True)
+class Cost:
+    """One step's predicted cost, in forward passes of the blocks (``F``).
+
+    Attributes:
+        streams: tangent streams the forward engine propagates per step (``Method.stream_count``).
+        forward: the forward engine's step, in ``F``.
+        reference: the reference engine's step (the same estimates by pull-backs), in ``F``.
+        backprop: a backprop step, ``3F``.
+        tangent_bytes: the forward engine's largest bundle of open tangents (bytes at the step's batch,
+            float32); the ``vmap(jvp)`` temporaries of a block come on top, a few times this.
+
+    Examples:
+        >>> import torch, fwdtrans
+        >>> model = fwdtrans.models.resnet18(width=4)
+        >>> method = fwdtrans.Method(space="weight", granularity="tensor")
+        >>> cost = fwdtrans.inspect(model, torch.randn(2, 3, 32, 32), blocks=model.paper_cuts(), heads="linear",
+        ...                         method=method, batch=64).cost
+        >>> cost.streams, cost.cheaper, cost.backprop
+        (54, 'reference', 3.0)
+    """
+
+    streams: int
+    forward: float
+    reference: float
+    backprop: float = BACKPROP
+    tangent_bytes: int = 0
+
+    @property
+    def cheaper(self) -> str:
+        """The engine with the lower predicted cost (``"forward"`` on a tie)."""
+        return "reference" if self.reference < self.forward else "forward"
+
+    def ratio(self, engine: str) -> float:
+        """The predicted step time of ``engine`` over backprop's."""
+        return (self.forward if engine == "forward" else self.reference) / self.backprop
+
+    def __str__(self) -> str:
+        return (f"{self.streams} tangent streams; predicted cost (forward passes F, backprop {self.backprop:.1f}F): "
+                f"forward engine {self.forward:.1f}F ({self.ratio('forward'):.2f}x backprop), reference engine "
+                f"{self.reference:.1f}F ({self.ratio('reference'):.2f}x backprop)")
 
 
 @dataclass(frozen=True)
@@ -140,7 +186,13 @@ class Method:
                     or (self.space == "weight" and self.granularity != "joint")):
                 problems.append("streams='joint' applies to space='activity' (per_sample='by-loss') or to "
                                 "space='weight' with granularity='joint'")
-        problems += space_class(self).problems(self)  # a space's own rules
+        if self.per_sample_weight:
+            if self.streams == "sequential":
+                problems.append("granularity='sample' pushes every block's streams on their own after the sweep "
+                                "already: use streams='per-block'")
+            if self.tangents > 1 and self.guess in NOISE:
+                problems.append(f"tangents={self.tangents}: granularity='sample' draws one direction per sample and "
+                                "parameter tensor; use tangents=1")
         if problems:
             raise FwdTransError(f"invalid method {self.describe()}: " + "; ".join(problems) + ".")
 
@@ -165,6 +217,49 @@ class Method:
     def joint(self) -> bool:
         """One directional derivative shared by all blocks (``streams="joint"`` or a joint weight unit)."""
         return self.streams == "joint" or (self.space == "weight" and self.granularity == "joint")
+
+    @property
+    def per_sample_weight(self) -> bool:
+        """The per-sample weight space (``granularity="sample"``), with sweeps of its own."""
+        return self.space == "weight" and self.granularity == "sample"
+
+    @property
+    def param_tangents(self) -> bool:
+        """The forward engine pushes parameter directions through a block (weight space), running it again."""
+        return self.space == "weight"
+
+    @property
+    def reads_per_sample(self) -> bool:
+        """The streams' values are read per output sample (activity space by loss, span), else summed."""
+        return self.space == "span" or (self.space == "activity" and self.per_sample != "exact")
+
+    @property
+    def multi_tensor(self) -> bool:
+        """The space gives each tensor crossing a multi-tensor cut a guess of its own."""
+        return self.space == "weight" or (self.space == "activity" and self.per_sample != "exact")
+
+    def target_end(self, j: int, last: int) -> int:
+        """The block at whose output block ``j``'s target is read (``last``: the logits)."""
+        return int(min(j + REACH[self.target], last))
+
+    def crossing(self, j: int, last: int, trained: bool) -> tuple[bool, bool]:
+        """What the forward engine pushes through block ``j`` (``trained``: it has trained parameters):
+        (a tangent at its input, parameter tangents)."""
+        if self.kind != "projected" or self.engine != "forward":
+            return False, False
+        return j > 0 and REACH[self.target] > 0, self.param_tangents and j < last and trained
+
+    def streams_at(self, batch: int, tensors: int, crossing: int) -> int:
+        """Streams opened at one block with ``tensors`` trained parameter tensors and ``crossing`` tensors at
+        its cut."""
+        k = self.tangents
+        if self.space == "span":
+            return batch
+        if self.space == "activity":
+            return k * (batch if self.per_sample == "exact" else crossing)
+        if self.per_sample_weight:
+            return batch * tensors
+        return k * (tensors if self.granularity == "tensor" else 1)
 
     @property
     def trains_heads(self) -> bool:
@@ -202,12 +297,12 @@ class Method:
             return 0
         if self.joint and self.target == "global":
             return self.tangents
-        space, crossing = space_for(self), crossing or [1] * blocks
-        return sum(space.streams_at(batch, tensors_per_block[j], crossing[j]) for j in range(blocks - 1))
+        crossing = crossing or [1] * blocks
+        return sum(self.streams_at(batch, tensors_per_block[j], crossing[j]) for j in range(blocks - 1))
 
     def check_multi_tensor(self, cuts: list[str]) -> None:
         """Refuse the options that cannot give each tensor crossing ``cuts`` its own guess."""
-        if self.kind == "projected" and (not space_for(self).multi_tensor or self.streams == "joint"):
+        if self.kind == "projected" and (not self.multi_tensor or self.streams == "joint"):
             raise FwdTransError(
                 f"{self.describe()} cannot give each tensor crossing {', '.join(cuts)} its own guess and tangent: "
                 "multi-tensor cuts support space='activity' (per_sample='by-loss', streams='per-block' or "
@@ -218,7 +313,9 @@ class Method:
         """Warn when the step propagates more than ``MANY_STREAMS`` streams; with the step's predicted
         ``cost``, name the cheaper engine."""
         if streams > MANY_STREAMS:
-            advice, predicted = space_for(self).cheaper, ""
+            advice = ("engine='reference' (the same estimates from two pull-backs per block)"
+                      if self.per_sample_weight else CHEAPER)
+            predicted = ""
             if cost is not None:
                 predicted = (f"; predicted step: {cost.forward:.1f} forward passes with engine='forward', "
                              f"{cost.reference:.1f} with engine='reference', backprop {cost.backprop:.0f}")

@@ -11,7 +11,6 @@ the engine, ``check`` and ``Method.stream_count`` ask that depends on it:
 * :meth:`Space.estimate` (:meth:`Space.joint_estimates`) and :meth:`Space.gradients`: the estimate per
   projection unit, and the block's parameter gradients from it;
 * :meth:`Space.alignment`: estimate, target and guess side by side, for ``check``;
-* :meth:`Space.problems`: the methods it cannot compute (``Method`` reports them with its own);
 * :meth:`Space.rerun` and :meth:`Space.warm`: the blocks a step runs twice (dropout replayed), and what a
   compiled step needs done eagerly first;
 * and, as attributes, how the engine treats it (read per sample, pulled back, block run twice, sweeps of
@@ -19,7 +18,8 @@ the engine, ``check`` and ``Method.stream_count`` ask that depends on it:
 
 Adding a space: a :class:`Space` subclass and one entry in :data:`SPACES`, keyed by the ``space=`` name
 or, for a granularity with an estimator of its own, by ``(space, granularity)``; the option's name goes
-in ``_method``'s ``Literal`` (which gives its type, its validation and its CLI choice).
+in ``_method``'s ``Literal`` (which gives its type, its validation and its CLI choice), and its static facts
+(the streams it opens, whether they are read per sample, multi-tensor cuts, its rules) in ``_method.Method``.
 """
 
 from __future__ import annotations
@@ -46,29 +46,17 @@ Estimate = Any  # a tensor shaped like the block output (activity, span), or one
 class Space:
     """One space. The class attributes say how the engine treats it."""
 
-    per_sample = False  # the streams' values are read per output sample (else summed over the batch)
     pulls_back = True  # the estimate is pulled back through the block (else it is the parameters' gradient)
-    param_tangents = False  # the forward engine pushes parameter directions through the block, running it again
-    multi_tensor = True  # gives each tensor crossing a multi-tensor cut a guess of its own
     sweeps: str | None = None  # a space with sweeps of its own: the engine's ``_SWEEPS[(sweeps, engine)]``
-    cheaper = "granularity='block' or 'joint', fewer tangents, or per_sample='by-loss'"  # convert's cost warning
 
     def __init__(self, method: Method):
         self.method = method
         self.k = method.tangents
+        self.per_sample = method.reads_per_sample  # the streams' values are read per output sample
+        self.param_tangents = method.param_tangents  # parameter directions pushed through the block, run again
         # the step runs a block's forward a second time: the random state its first run started from is
         # noted, to replay its dropout masks
         self.reruns_block = self.param_tangents and method.engine == "forward"
-
-    @staticmethod
-    def problems(method: Method) -> list[str]:
-        """What makes ``method`` invalid in this space, beyond what ``Method`` checks itself (one sentence
-        each, as ``Method``'s own: "what is wrong: what to use")."""
-        return []
-
-    def streams_at(self, batch: int, tensors: int, crossing: int) -> int:
-        """Streams opened at one block with ``tensors`` parameter tensors and ``crossing`` tensors at its cut."""
-        raise NotImplementedError
 
     def rerun(self, plan: Plan) -> tuple[int, ...]:
         """The blocks whose forward the step runs a second time: their random state is noted before the
@@ -146,10 +134,6 @@ class Activity(Space):
     def __init__(self, method: Method):
         super().__init__(method)
         self.exact = method.per_sample == "exact"
-        self.per_sample = self.multi_tensor = not self.exact
-
-    def streams_at(self, batch, tensors, crossing):
-        return self.k * (batch if self.exact else crossing)
 
     def noise_shapes(self, plan, j, batch):
         return [(self.k, batch, *plan.cut_shapes[j])]
@@ -202,13 +186,6 @@ class Span(Activity):
     """``space="span"`` (Table 6): each sample's output gradient projected on the span of the batch's
     guesses; stream ``m`` carries guess ``m`` at every sample."""
 
-    def __init__(self, method: Method):
-        super().__init__(method)
-        self.per_sample, self.multi_tensor = True, False
-
-    def streams_at(self, batch, tensors, crossing):
-        return batch
-
     def streams(self, b):
         u = b.directions[0]
         return u[:, None].expand(-1, *u.shape).contiguous()  # stream m: u_m at every sample
@@ -222,14 +199,11 @@ class Weight(Space):
     """``space="weight"`` (Eq. 4): the block's parameter gradient, projected over the batch per unit of
     ``granularity``: each parameter tensor, the block, or every block at once (``"joint"``)."""
 
-    pulls_back, param_tangents = False, True
+    pulls_back = False
 
     def units(self, tensors: int) -> list[list[int]]:
         """The projection units of a block: lists of its parameter indices."""
         return [[i] for i in range(tensors)] if self.method.granularity == "tensor" else [list(range(tensors))]
-
-    def streams_at(self, batch, tensors, crossing):
-        return len(self.units(tensors)) * self.k
 
     def noise_shapes(self, plan, j, batch):
         return [(self.k, *p.shape) for p in plan.blocks[j].parameters() if p.requires_grad]
@@ -330,26 +304,11 @@ class PerSampleWeight(Space):
     target's and its guess's cotangents at the block output (reference engine: two pull-backs through the
     block; forward engine: one tangent stream per sample and parameter tensor, in chunks). So this class
     holds no streams, values or estimate of its own: only the guess, the gradients, ``check``'s alignment
-    and the rules.
+    and its rerun/warm rules.
     """
 
-    pulls_back, param_tangents = False, True
+    pulls_back = False
     sweeps = "sample"
-    cheaper = "engine='reference' (the same estimates from two pull-backs per block)"
-
-    @staticmethod
-    def problems(method):
-        out = []
-        if method.streams == "sequential":
-            out.append("granularity='sample' pushes every block's streams on their own after the sweep already: "
-                       "use streams='per-block'")
-        if method.tangents > 1 and method.guess in ("gaussian", "rademacher"):
-            out.append(f"tangents={method.tangents}: granularity='sample' draws one direction per sample and "
-                       "parameter tensor; use tangents=1")
-        return out
-
-    def streams_at(self, batch, tensors, crossing):
-        return batch * tensors
 
     def noise_shapes(self, plan, j, batch):
         return [(batch, *p.shape) for p in plan.blocks[j].parameters() if p.requires_grad]

@@ -23,7 +23,6 @@ from torch.func import vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._blocks import call, push, push_params, rng_state, state
-from ._engine import crossing
 from ._errors import FwdTransError
 from ._trace import preserved_state
 
@@ -100,7 +99,7 @@ def fused_rnn_free(module: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------- the forward-AD check
 def _crossing(method, j: int, last: int, block: nn.Module) -> tuple[bool, bool]:
     """What the forward engine pushes through block ``j``: (input tangents, parameter tangents)."""
-    return crossing(method, j, last, any(p.requires_grad for p in block.parameters()))
+    return method.crossing(j, last, any(p.requires_grad for p in block.parameters()))
 
 
 def _probe(block: nn.Module, h: tuple, inputs: bool, params: bool) -> None:
