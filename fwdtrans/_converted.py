@@ -78,6 +78,8 @@ class Converted(nn.Module):
         # per tensor leaf of the example inputs: per-sample shape and dtype (None: the parameters' dtype)
         self.input_spec: dict[str, tuple[tuple[int, ...], torch.dtype | None] | None] = {}
         self._compiled: dict[str, Callable] = {}
+        # a convolution that oneDNN's AVX2 kernels get wrong channels-last: compiled steps keep the default layout
+        self.faulty_conv = _engine.faulty_conv([*blocks, *heads])
 
     @property
     def segments(self) -> tuple[tuple[int, ...], ...]:
@@ -91,8 +93,10 @@ class Converted(nn.Module):
 
     @property
     def plan(self) -> Plan:
-        """What the engine reads of this model for a step: blocks, heads, method, cuts' shapes, dropout."""
-        return Plan(tuple(self.blocks), tuple(self.heads), self.method, self.crossing_shapes, self.dropout)
+        """What the engine reads of this model for a step: blocks, heads, method, cuts' shapes, dropout, and
+        whether a convolution must keep the default layout."""
+        return Plan(tuple(self.blocks), tuple(self.heads), self.method, self.crossing_shapes, self.dropout,
+                    faulty_conv=self.faulty_conv)
 
     def _apply(self, fn: Callable, recurse: bool = True) -> Converted:  # keep the generator on the parameters' device
         result = super()._apply(fn, recurse)
