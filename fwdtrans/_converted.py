@@ -328,8 +328,9 @@ class Converted(nn.Module):
         projections, pull-backs) is one ``torch.compile(fullgraph=True)`` graph: the first step
         compiles (one to several minutes on a CPU), later steps reuse it. A mapping instead of
         ``True`` is passed on to ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``); a step on a CPU that
-        pushes tangent streams adds inductor's ``layout_optimization=False`` (see the Performance page), which
-        the mapping's ``options`` override. Noise guesses
+        pushes tangent streams, or whose model has a convolution that oneDNN's AVX2 kernels get wrong
+        channels-last, adds inductor's ``layout_optimization=False`` (see the Performance page), which the
+        mapping's ``options`` override. Noise guesses
         are drawn before the compiled call, so compiled and eager steps use the same numbers; the
         optimizer step runs eagerly.
 
