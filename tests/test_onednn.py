@@ -4,6 +4,7 @@ that case where it chooses the layout (``fwdtrans._engine.faulty_conv``). Any x8
 with ``ONEDNN_MAX_CPU_ISA=AVX2``, set before torch loads oneDNN: in a subprocess, with a timeout, so that a
 crash or a hang fails the test instead of the suite."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -43,6 +44,13 @@ def test_faulty_conv_finds_1x1_strided_convolutions_of_few_channels():
     assert not fwdtrans.convert(fwdtrans.models.resnet18(width=8), x, blocks=4, heads="cnn").faulty_conv
     head = fwdtrans.heads.CNNHead(width=4).build((4, 32, 32), 10)
     assert not _engine.faulty_conv([head])  # its 1x1 convolution has stride 1, its strided ones are 3x3
+
+
+def test_a_faulty_conv_turns_layout_optimisation_off_for_every_compiled_cpu_step():
+    model = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+    plan = fwdtrans.convert(model, torch.zeros(2, 4, 8, 8), blocks=2, heads="linear", guess="global").plan
+    assert plan.faulty_conv and _engine.inductor_options(plan) == {"layout_optimization": False}
+    assert _engine.inductor_options(dataclasses.replace(plan, faulty_conv=False)) == {}  # backprop's defaults
 
 
 # a converted model with a residual stage whose shortcut is a 1x1 stride-2 convolution of 4 channels (as
