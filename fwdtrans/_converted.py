@@ -80,6 +80,8 @@ class Converted(nn.Module):
         self.input_spec: dict[str, tuple[tuple[int, ...], torch.dtype | None] | None] = {}
         self.counters: tuple[str, ...] = ()  # num_batches_tracked of BatchNorms traced through (set by convert)
         self._compiled: dict[str, Callable] = {}
+        # a convolution that oneDNN's AVX2 kernels get wrong channels-last: compiled steps keep the default layout
+        self.faulty_conv = _engine.faulty_conv([*blocks, *heads])
 
     @property
     def segments(self) -> tuple[tuple[int, ...], ...]:
@@ -93,8 +95,10 @@ class Converted(nn.Module):
 
     @property
     def plan(self) -> Plan:
-        """What the engine reads of this model for a step: blocks, heads, method, cuts' shapes, dropout."""
-        return Plan(tuple(self.blocks), tuple(self.heads), self.method, self.crossing_shapes, self.dropout)
+        """What the engine reads of this model for a step: blocks, heads, method, cuts' shapes, dropout, and
+        whether a convolution must keep the default layout."""
+        return Plan(tuple(self.blocks), tuple(self.heads), self.method, self.crossing_shapes, self.dropout,
+                    faulty_conv=self.faulty_conv)
 
     def _apply(self, fn: Callable, recurse: bool = True) -> Converted:  # keep the generator on the parameters' device
         result = super()._apply(fn, recurse)
@@ -356,8 +360,9 @@ class Converted(nn.Module):
         projections, pull-backs) is one ``torch.compile(fullgraph=True)`` graph: the first step
         compiles (one to several minutes on a CPU), later steps reuse it. A mapping instead of
         ``True`` is passed on to ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``); a step on a CPU that
-        pushes tangent streams adds inductor's ``layout_optimization=False`` (see the Performance page), which
-        the mapping's ``options`` override. Noise guesses
+        pushes tangent streams, or whose model has a convolution that oneDNN's AVX2 kernels get wrong
+        channels-last, adds inductor's ``layout_optimization=False`` (see the Performance page), which the
+        mapping's ``options`` override. Noise guesses
         are drawn before the compiled call, so compiled and eager steps use the same numbers; the
         optimizer step runs eagerly.
 

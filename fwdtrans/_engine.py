@@ -31,14 +31,14 @@ must happen before it, eagerly (NTK heads re-drawn, noise drawn).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 import torch.func
 import torch.nn.functional as F
-from torch import Tensor, fx
+from torch import Tensor, fx, nn
 from torch.func import vmap
 
 from . import _persample, _tangents
@@ -50,7 +50,7 @@ from ._plan import Plan
 from ._spaces import space_for
 
 __all__ = ["Backprop", "BlockRecord", "Forward", "LocalLearning", "PerSampleForward", "PerSampleReference", "Projected",
-           "Reference", "before_compiled_step", "before_step", "check_compilable", "gradients",
+           "Reference", "before_compiled_step", "before_step", "check_compilable", "faulty_conv", "gradients",
            "inductor_options"]
 
 Grads = dict[str, Tensor]
@@ -101,7 +101,7 @@ def gradients(plan: Plan, inputs: tuple, y: Tensor, noise: list[list[Tensor]],
     (``blocks.{j}.*``, ``heads.{j}.*``). ``record``, when given, receives the projected sweep's
     per-block internals (``blocks``: :class:`BlockRecord` s, ``estimates``) for ``check``."""
     sweep = _sweep(plan.method)
-    if sweep.pushes_tangents and torch.compiler.is_compiling():
+    if sweep.pushes_tangents and torch.compiler.is_compiling() and not plan.faulty_conv:
         inputs = tuple(_channels_last(t) for t in inputs)
     return sweep(plan, inputs, y, noise, record).run()
 
@@ -119,10 +119,52 @@ def inductor_options(plan: Plan) -> dict[str, Any]:
     layout, which the streams' stacked ``(S, B, C, H, W)`` tangents do not get, and the fused kernels that
     mix the two layouts read one of them strided, element by element. Such a step instead takes its image
     inputs channels-last (``gradients``), and every tensor derived from them, the streams' too, follows
-    (see the Performance page). On a CPU only: on other devices, where it was not measured, inductor's
-    defaults stay."""
+    (see the Performance page). Every step of a plan with a :func:`faulty_conv` turns it off too, and keeps
+    its inputs' layout. On a CPU only: on other devices, where it was not measured, inductor's defaults
+    stay."""
     cpu = all(p.device.type == "cpu" for b in plan.blocks for p in b.parameters())
-    return {"layout_optimization": False} if cpu and _sweep(plan.method).pushes_tangents else {}
+    off = plan.faulty_conv or _sweep(plan.method).pushes_tangents
+    return {"layout_optimization": False} if cpu and off else {}
+
+
+def faulty_conv(modules: Iterable[nn.Module]) -> bool:
+    """Whether ``modules`` hold a convolution that oneDNN's AVX2 kernels get wrong channels-last.
+
+    On CPUs without AVX-512 (AMD EPYC up to Zen 3, many laptops) oneDNN's 1x1 backward-weights convolution
+    (``jit_avx2_1x1_convolution_bwd_weights_t``) with a channels-last float32 source, a stride over 1 and
+    fewer input channels per group than its block of 8 computes a wrong weight gradient, crashes or never
+    returns (oneDNN issue #6035; an NCHW source, float64, stride 1 or 8 channels take other kernels). Such a
+    convolution: an ``nn.Conv2d`` or ``F.conv2d`` with a 1x1 kernel, a stride over 1 in either dimension and
+    a weight of fewer than 8 input channels per group; erring on the safe side, also an ``F.conv2d`` of a
+    graph whose weight or stride is not a constant of it. A compiled step on a CPU whose blocks or heads hold
+    one keeps every tensor in the default layout (:func:`inductor_options`, :func:`gradients`)."""
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d) and _faulty(m.weight, m.stride):
+                return True
+            if isinstance(m, fx.GraphModule) and any(_faulty_call(m, n) for n in m.graph.nodes):
+                return True
+    return False
+
+
+def _faulty(weight: Any, stride: Any) -> bool:
+    """A convolution of ``weight`` at ``stride`` counts unless its stride is known to be 1 or its weight known
+    not to be 1x1 with fewer than 8 input channels per group."""
+    strides = stride if isinstance(stride, tuple | list) else (stride,)
+    if all(isinstance(s, int) for s in strides) and max(strides) == 1:
+        return False
+    return not isinstance(weight, Tensor) or (tuple(weight.shape[2:]) == (1, 1) and weight.shape[1] < 8)
+
+
+def _faulty_call(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` of ``gm`` is an ``F.conv2d`` call that :func:`faulty_conv` counts."""
+    if node.op != "call_function" or node.target is not torch.conv2d:
+        return False
+    args = {**dict(zip(("input", "weight", "bias", "stride"), node.args, strict=False)), **node.kwargs}
+    weight: Any = args.get("weight")
+    if isinstance(weight, fx.Node) and weight.op == "get_attr":
+        weight = functools.reduce(getattr, str(weight.target).split("."), gm)
+    return _faulty(weight, args.get("stride", 1))
 
 
 def _channels_last(t: Any) -> Any:

@@ -40,6 +40,8 @@ class Plan:
         reduce: a data-parallel step's reductions over a process group (a ``_distributed.Reducer``, set per
             step by ``Converted``), or ``None``: the engine hands it what it reduces (weight-space guesses and
             directional derivatives, finished gradients).
+        faulty_conv: the blocks or heads hold a convolution that oneDNN's AVX2 kernels get wrong channels-last
+            (``_engine.faulty_conv``): a compiled step on a CPU keeps the default layout.
     """
 
     blocks: Sequence[nn.Module]
@@ -48,6 +50,7 @@ class Plan:
     crossing_shapes: Shapes
     dropout: tuple[bool, ...]
     reduce: Any = None
+    faulty_conv: bool = False
 
     @property
     def segments(self) -> tuple[tuple[int, ...], ...]:

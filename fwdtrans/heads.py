@@ -78,7 +78,9 @@ class CNNHead:
 class _CNN(nn.Sequential):
     """A CNN head's layers; on CPU they run in channels-last memory format, where oneDNN's kernels for
     these few channels are faster (the paper's head on 16x32x32 features: forward and backward 1.36x
-    faster on a 2-core Xeon; the same layers, the same values up to float rounding)."""
+    faster on a 2-core Xeon; the same layers, the same values up to float rounding). None of them is the
+    case oneDNN's AVX2 kernels get wrong channels-last (``fwdtrans._engine.faulty_conv``): the 1x1
+    convolution has stride 1, the strided ones are 3x3."""
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x)
