@@ -346,6 +346,9 @@ class PerSampleWeight(Space):
         if method.tangents > 1 and method.guess in ("gaussian", "rademacher"):
             out.append(f"tangents={method.tangents}: granularity='sample' draws one direction per sample and "
                        "parameter tensor; use tangents=1")
+        if method.aggregation == "project" and method.guess in ("gaussian", "rademacher"):
+            out.append("aggregation='project': granularity='sample' projects each sample's share on its one "
+                       "direction; use aggregation='mean'")
         return out
 
     def streams_at(self, batch, tensors, crossing):
