@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._blocks import as_inputs, call, replaying, rng_state
-from ._method import Method
+from ._method import Method, on_reference
 from ._spaces import space_for
 
 if TYPE_CHECKING:
@@ -170,7 +169,7 @@ def check(converted: Converted, batch: tuple[Any, Tensor], *, verbose: bool = Fa
     """
     x, y = batch
     forward, reference = copy.deepcopy(converted), copy.deepcopy(converted)
-    reference.method = dataclasses.replace(converted.method, engine="reference")
+    reference.method = on_reference(converted.method)
     state = converted.generator.get_state()
     forward.generator.set_state(state)
     reference.generator.set_state(state)

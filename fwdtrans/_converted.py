@@ -144,6 +144,12 @@ class Converted(nn.Module):
         if missing or unexpected:
             raise FwdTransError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}. "
                                 "Fix: load a checkpoint of the model that was converted.")
+        ours = self.state_dict()
+        for k, v in state.items():
+            if k in own and isinstance(v, Tensor) and ours[own[k]].shape != v.shape:
+                raise FwdTransError(f"state dict: '{k}' has shape {tuple(v.shape)}, the converted model's "
+                                    f"{tuple(ours[own[k]].shape)}. Fix: load a checkpoint of the model that was "
+                                    "converted (same widths and classes).")
         self.load_state_dict({own[k]: v for k, v in state.items() if k in own}, strict=False)
         self.unused = {k: v.detach().clone() for k, v in state.items() if k not in own and k not in self.aliases}
 
@@ -185,6 +191,7 @@ class Converted(nn.Module):
             >>> converted = fwdtrans.convert(TwoInputs(), (torch.randn(2, 4), torch.randn(2, 3)), blocks=2)
             >>> metrics = converted.compute_gradients((torch.randn(8, 4), torch.randn(8, 3)), torch.randint(0, 2, (8,)))
         """
+        _check_compile(compile)
         inputs = as_inputs(x)
         self._check_step(inputs, y, allow_eval)
         reduce = _distributed.resolve(self, process_group, distributed, sync_batchnorm, bool(compile))
@@ -359,10 +366,10 @@ class Converted(nn.Module):
         With ``compile=True`` the whole gradient computation (forward sweep, tangent streams,
         projections, pull-backs) is one ``torch.compile(fullgraph=True)`` graph: the first step
         compiles (one to several minutes on a CPU), later steps reuse it. A mapping instead of
-        ``True`` is passed on to ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``); a step on a CPU that
-        pushes tangent streams, or whose model has a convolution that oneDNN's AVX2 kernels get wrong
-        channels-last, adds inductor's ``layout_optimization=False`` (see the Performance page), which the
-        mapping's ``options`` override. Noise guesses
+        ``True`` is passed on to ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``; any other value is
+        refused); a step on a CPU that pushes tangent streams, or whose model has a convolution that oneDNN's
+        AVX2 kernels get wrong channels-last, adds inductor's ``layout_optimization=False`` (see the Performance
+        page), which the mapping's ``options`` override. Noise guesses
         are drawn before the compiled call, so compiled and eager steps use the same numbers; the
         optimizer step runs eagerly.
 
@@ -384,6 +391,7 @@ class Converted(nn.Module):
             >>> step = converted.train_step(torch.optim.SGD(converted.parameters(), lr=0.05))
             >>> metrics = step(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
         """
+        _check_compile(compile)
         self._check_optimizer(optimizer)
         reduce = _distributed.resolve(self, process_group, distributed, sync_batchnorm, bool(compile))
         if reduce is not None:
@@ -449,6 +457,12 @@ def _show(value: object) -> str:
         f" of shape {tuple(value.shape)}" if hasattr(value, "shape") else "")
 
 
+def _check_compile(compile: object) -> None:
+    if not isinstance(compile, (bool, Mapping)):
+        raise FwdTransError(f"compile={compile!r} is neither a bool nor a mapping of torch.compile options. Fix: "
+                            "compile=True, compile=False, or compile={'mode': ...} (torch.compile's keywords).")
+
+
 def _describe(leaves_by_path: Mapping[str, object]) -> str:
     return ", ".join(f"{path}: {_show(v)}" for path, v in leaves_by_path.items()) or "no inputs"
 
@@ -496,7 +510,8 @@ def convert(
             ``balance``) or a non-empty list of names to cut after (see [`fwdtrans.inspect`][fwdtrans.inspect]).
         heads: ``"auto"`` (paper-style heads within 10% of their block's FLOPs), ``"cnn"``,
             ``"mlp"``, ``"linear"``, a [`fwdtrans.heads`][fwdtrans.heads] spec, an ``nn.Module``, a callable
-            ``shape -> nn.Module`` given each cut's per-sample output shape, or a dict from cut names (any
+            ``shape -> nn.Module`` given each cut's per-sample output shape (or ``(shape, num_classes) ->
+            nn.Module``: a callable with two required positional parameters gets both), or a dict from cut names (any
             name ``blocks=`` accepts for the cut) to any of these (``"*"`` for the rest). A module is
             deep-copied for each cut: the object passed is never trained or moved. Every head is run once on
             its block's output and must return logits ``(N, classes)``.

@@ -12,14 +12,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, get_args
 
 from torch import Tensor
 
 from ._errors import FwdTransError
 
-__all__ = ["BACKPROP", "Cost", "Method"]
+__all__ = ["BACKPROP", "Cost", "Method", "on_reference"]
 
 # The options, one Literal each: the fields' types, their validation and the CLI's choices come from these.
 Target = Literal["global", "local", "intermediate"]
@@ -170,14 +170,31 @@ class Method:
                             "'ntk' or 'fixed-ntk'")
         if self.space == "weight" and callable(self.guess):
             problems.append("a callable guess gives activity-space directions: use space='activity'")
+        if self.granularity != "tensor" and self.space != "weight":
+            problems.append(f"granularity={self.granularity!r} applies to space='weight'")
         if self.per_sample == "exact" and self.space != "activity":
             problems.append("per_sample='exact' applies to space='activity'")
-        if self.aggregation == "project" and self.tangents > 1 and self.joint:
+        if self.aggregation == "project" and self.guess not in NOISE:
+            problems.append(f"aggregation='project' combines several random guesses: guess={self._guess_name!r} "
+                            "gives one direction per block; use aggregation='mean'")
+        elif self.aggregation == "project" and (self.tangents > 1 and self.joint
+                                                or self.space == "weight" and self.granularity == "joint"):
             problems.append("aggregation='project' needs one projection unit per block or tensor: use "
                             "aggregation='mean' with a joint unit")
         if self.recompute and (self.kind != "projected" or self.space == "weight" or self.engine != "forward"):
             problems.append("recompute=True re-runs a block's forward for its activity-space pull-back: it applies "
                             "to forward gradients with space='activity' or 'span' and engine='forward'")
+        ignored = [f"{name}={getattr(self, name)!r}" for name, default in (("per_sample", "by-loss"),
+                   ("engine", "forward"), ("streams", "per-block")) if getattr(self, name) != default]
+        if self.kind != "projected" and ignored:
+            what = "guess='global' (backprop)" if self.kind == "backprop" else "target='local', guess='local' (local " \
+                "learning)"
+            problems.append(f"{what} projects nothing: {', '.join(ignored)} appl{'ies' if len(ignored) == 1 else 'y'} "
+                            "to forward gradients; leave " + ("it" if len(ignored) == 1 else "them") + " out")
+        if self.kind == "projected" and self.streams == "sequential" and (self.engine != "forward"
+                                                                           or self.target == "local"):
+            problems.append("streams='sequential' schedules the forward engine's streams through the blocks after "
+                            "their own: it applies to engine='forward' with target='global' or 'intermediate'")
         if self.streams == "joint":
             if self.target != "global":
                 problems.append("streams='joint' sums every block's directional derivative at the logits: it needs "
@@ -193,6 +210,9 @@ class Method:
             if self.tangents > 1 and self.guess in NOISE:
                 problems.append(f"tangents={self.tangents}: granularity='sample' draws one direction per sample and "
                                 "parameter tensor; use tangents=1")
+            if self.aggregation == "project" and self.guess in NOISE:
+                problems.append("aggregation='project': granularity='sample' projects each sample's share on its one "
+                                "direction; use aggregation='mean'")
         if problems:
             raise FwdTransError(f"invalid method {self.describe()}: " + "; ".join(problems) + ".")
 
@@ -324,3 +344,12 @@ class Method:
             warnings.warn(
                 f"{self.describe()} propagates {streams} tangent streams per step (each costs about one block "
                 f"forward per block it crosses{predicted}). Consider {advice}.", stacklevel=3)
+
+
+def on_reference(method: Method) -> Method:
+    """``method`` on the reference engine (the same estimates), without the forward engine's own options
+    (``streams="sequential"``, ``recompute``); a method that projects nothing is returned as is."""
+    if method.kind != "projected":
+        return method
+    streams = "per-block" if method.streams == "sequential" else method.streams
+    return replace(method, engine="reference", streams=streams, recompute=False)

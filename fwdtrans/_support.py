@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._blocks import call, push, push_params, rng_state, state
 from ._errors import FwdTransError
+from ._method import on_reference
 from ._trace import preserved_state
 
 __all__ = ["attention_context", "check_forward_ad", "check_recompute", "fused_rnn_free"]
@@ -155,15 +156,15 @@ def _fixes(method, j: int, blocks: list[fx.GraphModule], h: tuple) -> list[str]:
         if method.space != "weight":
             fixes.append("if fwdtrans.inspect lists a cut point after it, make that the first cut (blocks=[that "
                          "name, ...]) so that it falls in block 0, which activity-space tangents never cross")
-        for change in ({"target": "local"}, {"engine": "reference"}):
+        for k, v, change in (("target", "local", lambda: dataclasses.replace(method, target="local")),
+                             ("engine", "reference", lambda: on_reference(method))):
             try:
-                other = dataclasses.replace(method, **change)
+                other = change()
             except FwdTransError:  # not a valid method with the others' options
                 continue
             if not any(_crossing(other, j, len(blocks) - 1, blocks[j])):
-                k, v = next(iter(change.items()))
                 fixes.append(f"train with {k}={v!r}" + (" (no tangent crosses a block)" if k == "target" else
-                                                           " (backprop computes the same estimator)"))
+                                                       " (backprop computes the same estimator)"))
     return [*fixes, "replace it with an equivalent that has forward AD (the docs' 'Converting your model' page "
                     "lists what works)"]
 

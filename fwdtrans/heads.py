@@ -4,7 +4,8 @@
 forward FLOPs stay under 10% of its block's), ``"cnn"``, ``"mlp"``, ``"linear"``, one of the specs
 below (to choose a width or a budget), an ``nn.Module`` mapping ``(N, *shape)`` features to logits,
 any callable ``shape -> nn.Module`` that receives the per-sample shape of the block output (e.g.
-``(C, H, W)``) and returns such a module, or a dict from cut names to any of these (key ``"*"`` for
+``(C, H, W)``) and returns such a module (one with two required positional parameters is called
+``(shape, num_classes)``), or a dict from cut names to any of these (key ``"*"`` for
 the rest). A dict key may be any name that ``blocks=[...]`` accepts for the cut (its aliases
 included); a key that names none of the cuts is refused, listing the valid ones.
 
@@ -33,6 +34,7 @@ The three families follow the paper (section 4.1 and appendix A.2 of Fournier et
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -156,7 +158,7 @@ class AutoHead:
         return LinearHead()
 
 
-HeadSpec = (str | CNNHead | MLPHead | LinearHead | AutoHead | nn.Module | Callable[[tuple[int, ...]], nn.Module]
+HeadSpec = (str | CNNHead | MLPHead | LinearHead | AutoHead | nn.Module | Callable[..., nn.Module]
             | Mapping)
 _NAMED: dict[str, HeadSpec] = {"cnn": CNNHead(), "mlp": MLPHead(), "linear": LinearHead(), "auto": AutoHead()}
 
@@ -193,7 +195,7 @@ def build_head(spec: HeadSpec, shape: tuple[int, ...], num_classes: int, *, name
         spec = spec.choose(tuple(shape), num_classes, block_flops)
     if isinstance(spec, (CNNHead, MLPHead, LinearHead)):
         return spec.build(tuple(shape), num_classes)
-    head = spec(tuple(shape)) if callable(spec) and not isinstance(spec, nn.Module) else spec
+    head = _call(spec, tuple(shape), num_classes) if callable(spec) and not isinstance(spec, nn.Module) else spec
     if not isinstance(head, nn.Module):
         raise FwdTransError(
             f"heads: the head callable returned {type(head).__name__}, not an nn.Module." if head is not spec else
@@ -261,6 +263,24 @@ class SplitHead(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         return tuple(head(t) for head, t in zip(self.heads, unpack(x, self.shapes), strict=True))
+
+
+def _call(fn: Callable, shape: tuple[int, ...], num_classes: int) -> object:
+    """A head callable's head: ``fn(shape, num_classes)`` when it requires two positional parameters, else
+    ``fn(shape)``."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): the documented one
+        return fn(shape)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    if len(required) == 2:
+        return fn(shape, num_classes)
+    if len(required) > 2 or not (positional or any(p.kind == p.VAR_POSITIONAL for p in params)):
+        raise FwdTransError(f"heads: the head callable {getattr(fn, '__name__', fn)!r} has the signature "
+                            f"{inspect.signature(fn)}. Fix: make it head(shape) or head(shape, num_classes), "
+                            "returning an nn.Module.")
+    return fn(shape)
 
 
 def build_cut_head(spec: HeadSpec, shapes: tuple[tuple[int, ...], ...], num_classes: int, *, name: str = "",

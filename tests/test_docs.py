@@ -246,7 +246,10 @@ def test_the_methods_page_quotes_the_real_error_messages():
             dict(streams="joint", target="local", guess="gaussian"), dict(streams="joint", space="span"),
             dict(guess="gaussian", tangents=2, aggregation="project", space="weight", granularity="joint"),
             dict(recompute=True, space="weight"), dict(space="weight", granularity="sample", streams="sequential"),
-            dict(space="weight", granularity="sample", guess="gaussian", tangents=2)]
+            dict(space="weight", granularity="sample", guess="gaussian", tangents=2), dict(granularity="joint"),
+            dict(guess="global", engine="reference"), dict(guess="gaussian", streams="sequential", engine="reference"),
+            dict(aggregation="project"), dict(space="weight", granularity="sample", guess="gaussian",
+                                              aggregation="project")]
     problems = [raised(fwdtrans.Method, **row).split("): ", 1)[1].rstrip(".") for row in rows]
     x = torch.randn(4, 3)
     singular = raised(step, fwdtrans.convert(mlp(), x, blocks=2, heads="linear", space="weight", guess="gaussian",

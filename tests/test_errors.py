@@ -109,3 +109,29 @@ def test_recompute_refuses_blocks_with_dropout():
         fwdtrans.convert(model, torch.randn(2, 4), blocks=3, heads="linear", recompute=True)
     with pytest.raises(FwdTransError, match="recompute=True re-runs"):
         fwdtrans.convert(model, torch.randn(2, 4), blocks=3, heads="linear", recompute=True, space="weight")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(granularity="joint"), "granularity='joint' applies to space='weight'"),
+    (dict(space="span", granularity="sample"), "granularity='sample' applies to space='weight'"),
+    (dict(aggregation="project"), "aggregation='project' combines several random guesses: guess='local'"),
+    (dict(space="weight", granularity="joint", guess="gaussian", aggregation="project"), "with a joint unit"),
+    (dict(space="weight", granularity="sample", guess="gaussian", aggregation="project"),
+     "granularity='sample' projects each sample's share"),
+    (dict(guess="global", engine="reference"), r"guess='global' \(backprop\) projects nothing: engine='reference'"),
+    (dict(target="local", guess="local", per_sample="exact", streams="sequential"),
+     r"\(local learning\) projects nothing: per_sample='exact', streams='sequential' apply"),
+    (dict(guess="gaussian", streams="sequential", engine="reference"), "streams='sequential' schedules"),
+    (dict(target="local", guess="gaussian", streams="sequential"), "streams='sequential' schedules"),
+])
+def test_options_the_method_would_ignore_are_refused(kwargs, match):
+    with pytest.raises(FwdTransError, match=match):
+        fwdtrans.Method(**kwargs)
+
+
+def test_check_runs_a_forward_engine_only_method_on_the_reference_engine():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    for options in (dict(streams="sequential"), dict(recompute=True)):
+        converted = fwdtrans.convert(model, x, blocks=3, heads="linear", **options)
+        assert fwdtrans.check(converted, (x, y)).ok, options

@@ -91,6 +91,10 @@ def test_auto_engine_follows_the_measured_costs():
     assert auto_engine({"space": "weight"}) == auto_engine({"space": "span"}) == "reference"
     assert auto_engine({"space": "weight", "granularity": "joint"}) == "forward"
     assert auto_engine({"space": "weight", "granularity": "sample"}) == "reference"  # B streams per tensor forward
+    # backprop, local learning and the forward engine's own options get the forward engine (any other is refused)
+    assert auto_engine({"space": "weight", "guess": "global"}) == "forward"
+    assert auto_engine({"space": "weight", "target": "local", "guess": "local"}) == "forward"
+    assert auto_engine({"space": "span", "recompute": True}) == "forward"
 
 
 def test_table_places_ours_and_the_paper_in_the_right_cells():

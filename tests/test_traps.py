@@ -102,6 +102,24 @@ def test_a_head_that_does_not_return_logits_is_refused_at_convert(head, match):
         fwdtrans.convert(model, torch.randn(2, 3, 16, 16), blocks=["layer1"], heads=head)
 
 
+def test_a_head_callable_may_take_the_number_of_classes():
+    model, x = fwdtrans.models.resnet18(width=2), torch.randn(2, 3, 16, 16)
+    seen = []
+
+    def head(shape, classes):
+        seen.append((shape, classes))
+        return nn.Sequential(nn.Flatten(), nn.LazyLinear(classes))
+
+    fwdtrans.convert(model, x, blocks=["layer1"], heads=head)
+    assert seen == [((2, 16, 16), 10)]
+    with refused(r"head callable 'three' has the signature \(shape, classes, width\).*head\(shape, num_classes\)",
+                 model):
+        def three(shape, classes, width):
+            return nn.Identity()
+
+        fwdtrans.convert(model, x, blocks=["layer1"], heads=three)
+
+
 def test_a_heads_key_that_names_no_cut_is_refused_with_the_valid_keys():
     model = fwdtrans.models.resnet18(width=2)
     x = torch.randn(2, 3, 16, 16)
@@ -324,3 +342,21 @@ def test_several_inputs_compile_to_what_eager_computes(kind, float64):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
     for k in m_eager:
         torch.testing.assert_close(m_compiled[k], m_eager[k], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("compile", ["yes", 1, None])
+def test_compile_takes_a_bool_or_a_mapping(compile):
+    model, converted, x, y = _resnet()
+    with refused(rf"compile={compile!r} is neither a bool nor a mapping.*Fix: compile=True", converted):
+        converted.train_step(torch.optim.SGD(converted.parameters(), lr=0.1), compile=compile)
+    with refused(rf"compile={compile!r}", converted):
+        converted.compute_gradients(x, y, compile=compile)
+
+
+def test_a_checkpoint_with_a_wrong_shape_names_the_original_key():
+    model, converted, x, y = _resnet()
+    state = model.state_dict()
+    state["layer1.0.conv1.weight"] = torch.zeros(3, 2, 3, 3)
+    with refused(r"'layer1.0.conv1.weight' has shape \(3, 2, 3, 3\), the converted model's \(2, 2, 3, 3\)",
+                 converted):
+        converted.load_original_state_dict(state)

@@ -171,6 +171,11 @@ def auto_engine(settings: Mapping[str, Any]) -> str:
     ``granularity="sample"``), the forward engine otherwise (the reference engine needs one backward per
     sample for ``per_sample="by-loss"``)."""
     space, granularity = settings.get("space", "activity"), settings.get("granularity", "tensor")
+    guess, target = settings.get("guess", "local"), settings.get("target", "global")
+    if guess == "global" or (target, guess) == ("local", "local"):  # backprop, local learning: no engine to pick
+        return "forward"
+    if settings.get("streams") == "sequential" or settings.get("recompute"):  # the forward engine's own options
+        return "forward"
     if (space == "weight" and granularity != "joint") or space == "span":
         return "reference"
     if space == "activity" and settings.get("per_sample") == "exact":
