@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._blocks import as_inputs, call, replaying, rng_state
+from ._engine import space_for
 from ._method import Method, on_reference
-from ._spaces import space_for
 
 if TYPE_CHECKING:
     from ._converted import Converted

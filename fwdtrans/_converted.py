@@ -13,14 +13,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _distributed, _engine, _plan
+from . import _distributed, _engine
 from ._blocks import as_inputs
 from ._check import check
 from ._cost import of_blocks
 from ._cuts import ModalBlock, block_costs, choose_cuts, split
+from ._engine import Plan
 from ._errors import FwdTransError
 from ._method import Aggregation, Cost, Engine, Granularity, GuessOption, Method, PerSample, SpaceName, Streams, Target
-from ._plan import Plan
 from ._support import attention_context, check_forward_ad, check_recompute, fused_rnn_free, random_blocks
 from ._trace import Traced, leaves, original_target, preserved_state, trace
 from .heads import HeadSpec, build_cut_head, check_head, check_head_keys
@@ -79,6 +79,7 @@ class Converted(nn.Module):
         # per tensor leaf of the example inputs: per-sample shape and dtype (None: the parameters' dtype)
         self.input_spec: dict[str, tuple[tuple[int, ...], torch.dtype | None] | None] = {}
         self.counters: tuple[str, ...] = ()  # num_batches_tracked of BatchNorms traced through (set by convert)
+        self.reducers: dict[tuple[int, bool], _distributed.Reducer] = {}  # data parallel: per group, the reductions
         self._compiled: dict[str, Callable] = {}
         # a convolution that oneDNN's AVX2 kernels get wrong channels-last: compiled steps keep the default layout
         self.faulty_conv = _engine.faulty_conv([*blocks, *heads])
@@ -86,12 +87,12 @@ class Converted(nn.Module):
     @property
     def segments(self) -> tuple[tuple[int, ...], ...]:
         """Per cut: the per-sample sizes of the tensors crossing it (packed in that order)."""
-        return _plan.segments(self.crossing_shapes)
+        return _engine.segments(self.crossing_shapes)
 
     @property
     def cut_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Per cut: the per-sample shape of the block output (one tensor, or ``(D,)`` when packed)."""
-        return _plan.cut_shapes(self.crossing_shapes)
+        return _engine.cut_shapes(self.crossing_shapes)
 
     @property
     def plan(self) -> Plan:
@@ -348,7 +349,7 @@ class Converted(nn.Module):
         return functools.partial(self._compiled[key], plan)
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles compile afresh: a compiled step is bound to it
-        return {**super().__getstate__(), "_compiled": {}, "_reducers": {}}  # and its process groups
+        return {**super().__getstate__(), "_compiled": {}, "reducers": {}}  # and its process groups
 
     def train_step(self, optimizer: torch.optim.Optimizer, *, diagnostics: bool = False,
                    compile: bool | Mapping = False, allow_eval: bool = False, process_group: Any = None,

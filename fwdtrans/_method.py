@@ -244,6 +244,11 @@ class Method:
         return self.space == "weight" and self.granularity == "sample"
 
     @property
+    def pushes_tangents(self) -> bool:
+        """The step carries tangent streams by forward-mode AD (the forward engine's projected sweeps)."""
+        return self.kind == "projected" and self.engine == "forward"
+
+    @property
     def param_tangents(self) -> bool:
         """The forward engine pushes parameter directions through a block (weight space), running it again."""
         return self.space == "weight"

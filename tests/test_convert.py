@@ -177,7 +177,9 @@ def test_the_method_is_given_whole_or_as_keywords_never_both():
 def test_every_option_has_its_space_and_guess():
     import typing
 
-    from fwdtrans import _guesses, _method, _spaces
+    from fwdtrans import _method
+    from fwdtrans._engine import guesses as _guesses
+    from fwdtrans._engine import spaces as _spaces
 
     assert set(typing.get_args(_method.SpaceName)) <= set(_spaces.SPACES)
     assert set(typing.get_args(_method.GuessName)) - {"global"} == set(_guesses.GUESSES)  # global: backprop

@@ -84,10 +84,9 @@ def test_the_shared_parameters_run_in_two_blocks(float64):
         assert {int(n.split(".")[1]) for n in names if n.split(".", 2)[-1] == name and n.startswith("blocks")} == {0, 2}
 
 
-@pytest.mark.parametrize("engine", ["forward", "reference"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_backprop_gives_a_shared_parameter_the_true_gradient(float64, name, engine):
-    model, c = converted(name, guess="global", target="global", engine=engine)
+def test_backprop_gives_a_shared_parameter_the_true_gradient(float64, name):
+    model, c = converted(name, guess="global", target="global")
     x, y = batch(name)
     grads = gradients(c, x, y)
     F.cross_entropy(model(x), y).backward()
@@ -130,12 +129,12 @@ def _global_local_exact(c, x, y):
     return total
 
 
-@pytest.mark.parametrize("engine", ["forward", "reference"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("method, surrogate", [
-    ({"target": "local", "guess": "local"}, _local_learning),
-    ({"target": "global", "guess": "local", "per_sample": "exact"}, _global_local_exact),
-], ids=["local-learning", "global-local-activity"])
+@pytest.mark.parametrize("method, surrogate, engine", [
+    ({"target": "local", "guess": "local"}, _local_learning, "forward"),
+    ({"target": "global", "guess": "local", "per_sample": "exact"}, _global_local_exact, "forward"),
+    ({"target": "global", "guess": "local", "per_sample": "exact"}, _global_local_exact, "reference"),
+], ids=["local-learning", "global-local-activity-forward", "global-local-activity-reference"])
 def test_a_shared_parameter_gets_the_sum_of_its_uses_gradients(float64, name, engine, method, surrogate):
     """Against plain autograd of a loss whose every block sees its input detached (its own uses alone)."""
     _, c = converted(name, engine=engine, **method)
@@ -190,13 +189,12 @@ def test_a_parameter_used_twice_in_one_block_is_differentiated_as_usual(float64)
     x, y = batch("linear")
     F.cross_entropy(model(x), y).backward()
     expected = {n: p.grad for n, p in model.named_parameters()}
-    for engine in ("forward", "reference"):
-        c = fwdtrans.convert(model, x, blocks=["tanh_3"], guess="global", target="global", engine=engine)
-        names = [n for n, _ in c.named_parameters(remove_duplicate=False)]
-        assert [n for n in names if n.endswith("shared.weight")] == ["blocks.0.shared.weight"]  # both uses in block 0
-        for n, g in gradients(c, x, y).items():
-            if n.startswith("blocks."):
-                close(g, expected[c.original_name(n)])
+    c = fwdtrans.convert(model, x, blocks=["tanh_3"], guess="global", target="global")
+    names = [n for n, _ in c.named_parameters(remove_duplicate=False)]
+    assert [n for n in names if n.endswith("shared.weight")] == ["blocks.0.shared.weight"]  # both uses in block 0
+    for n, g in gradients(c, x, y).items():
+        if n.startswith("blocks."):
+            close(g, expected[c.original_name(n)])
 
 
 def test_check_sees_a_shared_parameter_that_gets_one_use_only(float64, monkeypatch):
@@ -283,8 +281,7 @@ def test_backprop_through_generated_chains_with_a_reused_layer(uses, data):
     model, x, y = Chain(), torch.randn(4, 5), torch.randint(0, 3, (4,))
     points = fwdtrans.inspect(model, x).points
     blocks = data.draw(st.integers(2, min(4, len(points) + 1)), label="blocks")
-    engine = data.draw(st.sampled_from(["forward", "reference"]), label="engine")
-    c = fwdtrans.convert(model, x, blocks=blocks, guess="global", target="global", engine=engine)
+    c = fwdtrans.convert(model, x, blocks=blocks, guess="global", target="global")
     grads = gradients(c, x, y)
     F.cross_entropy(model(x), y).backward()
     expected = dict(model.named_parameters())

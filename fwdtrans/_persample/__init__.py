@@ -51,9 +51,9 @@ the paper's ``<t, v> v``), it is biased down by about ``1/numel(p)``. Pass such 
 unused. ``<t_n, v_n>`` is read off the target's output gradient as above (the layer run with the
 per-sample weights ``v_n``), so ``t_n`` is not formed either.
 
-Engine integration (``space="weight", granularity="sample"``): ``_engine.PerSampleReference`` records
+Engine integration (``space="weight", granularity="sample"``): ``_engine.per_sample.PerSampleReference`` records
 every block but the last with :func:`record` and, walking back from the logits, projects each with
-:func:`project` (``pull_inputs`` for intermediate targets); ``_engine.PerSampleForward`` uses
+:func:`project` (``pull_inputs`` for intermediate targets); ``_engine.per_sample.PerSampleForward`` uses
 :func:`forward_project`. :func:`prepare` and :func:`warm` build, eagerly, what a compiled step needs.
 :func:`per_sample_projection` is :func:`record` and :func:`project` in one call.
 """

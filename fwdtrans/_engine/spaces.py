@@ -3,7 +3,7 @@
 A space is chosen once from the :class:`~fwdtrans.Method` (:func:`space_for`) and answers every question
 the engine, ``check`` and ``Method.stream_count`` ask that depends on it:
 
-* :meth:`Space.guess`: the block's directions, from the method's :class:`~fwdtrans._guesses.Guess`;
+* :meth:`Space.guess`: the block's directions, from the method's :class:`~fwdtrans._engine.guesses.Guess`;
 * :meth:`Space.streams` and :meth:`Space.origin`: the tangent streams they open, where the guess lives
   and at the block output (where the forward engine carries them);
 * :meth:`Space.reference_values`: the directional derivatives from a cotangent at the block output
@@ -25,18 +25,16 @@ in ``_method``'s ``Literal`` (which gives its type, its validation and its CLI c
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from . import _persample, _projection
-from ._blocks import push_params
-
-if TYPE_CHECKING:
-    from ._engine import BlockRecord, Projected
-    from ._method import Method
-    from ._plan import Plan
+from .. import _persample, _projection
+from .._blocks import push_params
+from .._method import Method
+from .plan import Plan, SweepView
+from .records import BlockRecord
 
 __all__ = ["SPACES", "Activity", "PerSampleWeight", "Space", "Span", "Weight", "space_class", "space_for"]
 
@@ -47,7 +45,6 @@ class Space:
     """One space. The class attributes say how the engine treats it."""
 
     pulls_back = True  # the estimate is pulled back through the block (else it is the parameters' gradient)
-    sweeps: str | None = None  # a space with sweeps of its own: the engine's ``_SWEEPS[(sweeps, engine)]``
 
     def __init__(self, method: Method):
         self.method = method
@@ -73,7 +70,7 @@ class Space:
         """The shapes of block ``j``'s noise guesses, drawn before the step."""
         raise NotImplementedError
 
-    def guess(self, sweep: Projected, j: int, b: BlockRecord) -> bool:
+    def guess(self, sweep: SweepView, j: int, b: BlockRecord) -> bool:
         """Set ``b``'s directions (and whatever the space's estimate needs); return whether they open
         streams (``False``: nothing to estimate, and ``b.values`` is set)."""
         raise NotImplementedError
@@ -82,11 +79,11 @@ class Space:
         """The bundle's streams where the guess lives."""
         raise NotImplementedError
 
-    def origin(self, sweep: Projected, j: int, b: BlockRecord) -> Tensor:
+    def origin(self, sweep: SweepView, j: int, b: BlockRecord) -> Tensor:
         """The bundle's tangents at the block output ``(S, *out)``, for the forward engine."""
         raise NotImplementedError
 
-    def reference_values(self, sweep: Projected, j: int, b: BlockRecord, cotangent: Tensor) -> tuple[Tensor, list]:
+    def reference_values(self, sweep: SweepView, j: int, b: BlockRecord, cotangent: Tensor) -> tuple[Tensor, list]:
         """The streams' values from the target's cotangent at the block output (per output sample, rows
         ``(B, B, ...)``, when ``per_sample``); and the target gradient in the space, for ``check``."""
         raise NotImplementedError
@@ -99,7 +96,7 @@ class Space:
         """Every block's estimate from one value shared by all blocks (``Method.joint``)."""
         return [self.estimate(b, total, s) for b, s in zip(blocks, plan.segments, strict=True)]
 
-    def gradients(self, sweep: Projected, j: int, estimate: Estimate) -> dict[str, Tensor]:
+    def gradients(self, sweep: SweepView, j: int, estimate: Estimate) -> dict[str, Tensor]:
         """Block ``j``'s parameter gradients, by name, from its estimate."""
         raise NotImplementedError
 
@@ -299,7 +296,7 @@ class PerSampleWeight(Space):
     of the guess's (or on a per-sample noise draw ``v_n``), summed over the batch:
     ``sum_n <t_n, g_n> / (|g_n|^2 + eps) g_n`` (:mod:`fwdtrans._persample`).
 
-    Its sweeps are the engine's own (``_engine.PerSampleReference``, ``_engine.PerSampleForward``): every block
+    Its sweeps are the engine's own (``per_sample.PerSampleReference``, ``per_sample.PerSampleForward``): every block
     but the last runs through ``_persample.record``, and each block's estimate is formed at once from its
     target's and its guess's cotangents at the block output (reference engine: two pull-backs through the
     block; forward engine: one tangent stream per sample and parameter tensor, in chunks). So this class
@@ -308,7 +305,6 @@ class PerSampleWeight(Space):
     """
 
     pulls_back = False
-    sweeps = "sample"
 
     def noise_shapes(self, plan, j, batch):
         return [(batch, *p.shape) for p in plan.blocks[j].parameters() if p.requires_grad]
@@ -354,5 +350,5 @@ def space_class(method: Method) -> type[Space]:
 
 
 def space_for(method: Method) -> Space:
-    """The method's space, chosen once."""
+    """The method's space (a sweep resolves it once and carries it)."""
     return space_class(method)(method)

@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._errors import FwdTransError
-from ._method import Method
+from .._errors import FwdTransError
+from .._method import Method
 
 __all__ = ["GUESSES", "Guess", "guess_for", "reinitialise"]
 
