@@ -12,8 +12,9 @@ Example:
 
 from ._batches import batches, num_batches
 from ._cli import main
+from ._config import TrainConfig
 from ._datasets import DATASETS, ImageDataset, load_dataset
-from ._loop import TrainConfig, evaluate, train
+from ._loop import evaluate, train
 from ._rundir import RunDir, load_checkpoint
 from ._schedule import SCHEDULES, lr_factor
 

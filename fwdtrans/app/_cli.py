@@ -22,8 +22,9 @@ from tqdm import tqdm
 import fwdtrans
 
 from .._errors import FwdTransError
+from ._config import METHOD_KEYS, TrainConfig
 from ._datasets import DATASETS
-from ._loop import METHOD_KEYS, TrainConfig, train
+from ._loop import train
 from ._presets import PRESETS, preset
 from ._rundir import write_json
 from ._schedule import SCHEDULES

@@ -23,7 +23,9 @@ import torch
 from .._distributed import GroupFailure
 from .._errors import FwdTransError
 from ._batches import num_batches
-from ._loop import TrainConfig, build, join_group, resolve_device, train
+from ._config import TrainConfig
+from ._group import join_group, resolve_device
+from ._loop import build, train
 from ._report import write_report
 from ._rundir import FORMAT, RunDir, write_json
 from ._studyspec import Cell, StudySpec, cells

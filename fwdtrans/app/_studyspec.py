@@ -54,7 +54,7 @@ from typing import Any
 
 from .._errors import FwdTransError
 from .._method import HEAD_GUESSES
-from ._loop import TrainConfig
+from ._config import TrainConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
