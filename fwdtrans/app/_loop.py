@@ -12,7 +12,6 @@ epoch (data order and augmentation, ``_batches``).
 from __future__ import annotations
 
 import copy
-import json
 import platform
 import random
 import time
@@ -192,10 +191,14 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
     recorded = run.read_config() if run is not None else None
     if recorded is not None:
         _check_resumable(recorded, config, identity, run)
-        if run.summary.is_file():
-            done = json.loads(run.summary.read_text())
-            if done["config"]["epochs"] == config.epochs:  # finished: nothing to train
-                return done
+        done = run.read_summary()
+        if done is not None and done["config"]["epochs"] == config.epochs:  # finished: nothing to train
+            return done
+    if run is not None and run.leftovers():
+        names = ", ".join(run.leftovers())
+        raise FwdTransError(f"{run.path} holds {names} of trained epochs but no {run.checkpoint.name} to resume "
+                            f"from. Fix: restore {run.checkpoint.name}, or delete {names} and config.json to start the "
+                            "run over, or use a new --run-dir.")
     checkpoint = load_checkpoint(run.checkpoint) if run is not None and run.checkpoint.is_file() else None
 
     torch.manual_seed(config.seed)

@@ -118,7 +118,8 @@ def status(cell: Cell, out: str | os.PathLike) -> tuple[str, int]:
     """``("done" | "failed" | "partial" | "new", epochs finished)`` of a cell's run directory."""
     run = RunDir(Path(out) / "runs" / cell.name)
     epochs = len(run.read_metrics())
-    if run.summary.is_file() and json.loads(run.summary.read_text())["config"]["epochs"] == cell.config.epochs:
+    summary = run.read_summary()
+    if summary is not None and summary["config"]["epochs"] == cell.config.epochs:
         return "done", epochs
     if (run.path / "failed.json").is_file():
         return "failed", epochs
