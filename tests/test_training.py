@@ -203,13 +203,27 @@ def test_cli_help_and_version(capsys):
     assert "(default: step)" in text and "(default: auto)" in text
 
 
-def test_log_is_one_line_per_epoch_when_not_a_terminal(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "fwdtrans", "train", *TINY, "--epochs", "2"], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def test_log_when_not_a_terminal(tmp_path):
+    """No bar in a log file: the data, the steps per epoch, a line every --log-every seconds and one per epoch."""
+    done = subprocess.run([sys.executable, "-m", "fwdtrans", "train", *TINY, "--epochs", "2", "--log-every", "1e-9"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""  # no progress bar in a log file
     lines = done.stdout.splitlines()
-    assert [line.split(":")[0] for line in lines[:2]] == ["epoch 1/2", "epoch 2/2"] and len(lines) == 3
+    assert lines[0] == "data: cifar10_subset, 96 training images (of 5000), 1000 test images; 3 steps of 32 per epoch"
+    assert [line.split("  ")[0] for line in lines[1:4]] == ["epoch 1/2: step 1/3", "epoch 1/2: step 2/3",
+                                                            "epoch 1/2: step 3/3"]
+    assert lines[4].startswith("epoch 1/2: train loss")
+    assert "train loss" in lines[1] and lines[-1].startswith("test accuracy") and len(lines) == 10
+
+
+def test_a_resumed_run_says_where_it_resumes(tmp_path, capsys):
+    argv = ["train", *TINY, "--epochs", "2", "--checkpoint-every", "1", "--run-dir", str(tmp_path / "run")]
+    assert run_until(argv, 4).returncode == 9  # killed in epoch 2, after its first step
+    assert main([*argv, "--log-every", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == f"resuming {tmp_path / 'run'} at epoch 2/2, step 2/3 (checkpoint.pt after 4 steps)"
+    assert lines[2].startswith("epoch 2/2: train loss") and len(lines) == 4
 
 
 def test_same_seed_same_run_and_demo_table(tmp_path, capsys):

@@ -77,6 +77,8 @@ _HELP = {
     "checkpoint_every": "also checkpoint every N steps (0: at the end of each epoch only)",
     "diagnostics_every": "every N steps, record per block cos(guess, target) (Eq. 6) and cos(estimate, true gradient)",
     "tensorboard": "also write TensorBoard scalars to RUN_DIR/tensorboard (needs tensorboard installed)",
+    "log_every": "when the output is not a terminal (no progress bar): a progress line every N seconds (0: one line "
+                 "per epoch only)",
     "sync_batchnorm": "under torchrun: BatchNorm statistics over every rank's share of the batch (default: each rank "
                       "normalises its own share, as DDP)",
     "dist_timeout": "under torchrun: seconds a rank waits for the others (to join, or in a collective) before it "

@@ -21,7 +21,7 @@ __all__ = ["EXECUTION_KEYS", "METHOD_KEYS", "TrainConfig"]
 # settings that may change when a run resumes: they change how, where or what is logged, not what is trained (and,
 # like the number of ranks, sync_batchnorm only changes which samples share BatchNorm's statistics)
 EXECUTION_KEYS = ("epochs", "device", "threads", "compile", "checkpoint_every", "diagnostics_every", "tensorboard",
-                  "data_dir", "sync_batchnorm", "dist_timeout")
+                  "log_every", "data_dir", "sync_batchnorm", "dist_timeout")
 _PAPER_SCHEDULE = {"imagenet32": (20, 0.1)}  # (step_size, gamma); the others: (30, 0.2)
 _HEADS = ("auto", "cnn", "mlp", "linear")
 METHOD_KEYS = tuple(f.name for f in fields(Method))  # the method's fields, flat in config.json, studies and flags
@@ -42,8 +42,9 @@ class TrainConfig:
     epochs (``None``: the paper's, 30 and 0.2, ImageNet32 20 and 0.1). Execution (may differ when
     a run resumes): ``device`` (``"auto"``: CUDA when available), ``threads``, ``compile``,
     ``checkpoint_every`` steps, ``diagnostics_every`` steps (per-block cosines, Eq. 6),
-    ``tensorboard``; under ``torchrun`` (several ranks): ``sync_batchnorm`` (BatchNorm statistics over every
-    rank's share of the batch) and ``dist_timeout`` (seconds a rank waits for the others).
+    ``tensorboard``, ``log_every`` (seconds between progress lines without a progress bar; 0: none);
+    under ``torchrun`` (several ranks): ``sync_batchnorm`` (BatchNorm statistics over every rank's share of
+    the batch) and ``dist_timeout`` (seconds a rank waits for the others).
     ``probe_epochs``: after training, fresh heads are trained that many epochs on the frozen network's
     block outputs, for per-block losses of methods that train no heads (the paper's Figure 2).
 
@@ -79,6 +80,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     diagnostics_every: int = 0
     tensorboard: bool = False
+    log_every: float = 30.0
     sync_batchnorm: bool = False
     dist_timeout: float = 300.0
     probe_epochs: int = 0
@@ -121,6 +123,8 @@ class TrainConfig:
             (self.threads is None or self.threads >= 1, "threads", "use at least 1"),
             (self.checkpoint_every >= 0, "checkpoint_every", "use 0 (end of each epoch only) or a step count"),
             (self.diagnostics_every >= 0, "diagnostics_every", "use 0 (off) or a step count"),
+            (math.isfinite(self.log_every) and self.log_every >= 0, "log_every", "use 0 (one line per epoch) or "
+             "a number of seconds"),
             (self.probe_epochs >= 0, "probe_epochs", "use 0 (off) or an epoch count"),
             (math.isfinite(self.dist_timeout) and self.dist_timeout > 0, "dist_timeout", "use a positive number of "
              "seconds"),

@@ -142,8 +142,9 @@ def train(config: TrainConfig, *, run_dir: str | None = None, progress: Callable
 
     With ``run_dir``, the run is checkpointed and resumable (see the module docstring); a finished
     run is not trained again (its summary is returned; a larger ``epochs`` extends it).
-    ``progress`` wraps each epoch's batch iterator (e.g. ``functools.partial(tqdm, ...)``), ``log``
-    receives one line per epoch.
+    ``progress`` wraps each epoch's batch iterator (e.g. ``functools.partial(tqdm, ...)``); ``log``
+    receives the data set and steps per epoch, where a run resumes, one line per epoch, and without
+    ``progress`` a line every ``config.log_every`` seconds.
 
     Under ``torchrun`` (see :func:`join_group`) every rank trains on its contiguous share of each batch of
     the same epoch plan; rank 0 alone writes the run directory, logs and shows progress; every rank loads
@@ -200,6 +201,11 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
                             f"from. Fix: restore {run.checkpoint.name}, or delete {names} and config.json to start the "
                             "run over, or use a new --run-dir.")
     checkpoint = load_checkpoint(run.checkpoint) if run is not None and run.checkpoint.is_file() else None
+    per_epoch = num_batches(train_size, config.batch_size, drop_last=True)
+    say = log or (lambda line: None)
+    of = f" (of {len(data.train_y)})" if train_size < len(data.train_y) else ""
+    say(f"data: {data.name}, {train_size} training images{of}, {len(data.test_y)} test images; {per_epoch} steps of "
+        f"{config.batch_size} per epoch")
 
     torch.manual_seed(config.seed)
     converted = build(config, data.image_shape, data.num_classes).to(device)
@@ -207,7 +213,6 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
     optimizer = torch.optim.SGD(converted.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    per_epoch = num_batches(train_size, config.batch_size, drop_last=True)
     epoch, start, step, history, running = 0, 0, 0, [], _Epoch()
     if checkpoint is not None:
         converted.load_state_dict(checkpoint["model"])
@@ -216,6 +221,9 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
         epoch, start, step = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]
         history = checkpoint["history"]
         running = _Epoch(checkpoint["sums"])
+        if epoch < config.epochs:
+            say(f"resuming {run.path} at epoch {epoch + 1}/{config.epochs}, step {start + 1}/{per_epoch} "
+                f"({run.checkpoint.name} after {step} steps)")
     if epoch > config.epochs:
         raise FwdTransError(f"{run.path} has already trained {epoch} epochs; epochs={config.epochs} cannot shrink it. "
                             f"Fix: pass --epochs {epoch} or more.")
@@ -240,7 +248,8 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
 
     step_fn = converted.train_step(optimizer, compile=config.compile, sync_batchnorm=config.sync_batchnorm)
     step_seconds: list[float] = []
-    began = time.perf_counter()
+    began = last_line = time.perf_counter()
+    lines = log is not None and progress is None and config.log_every > 0  # no bar: a line every log_every seconds
     while epoch < config.epochs:
         tick = time.perf_counter()
         converted.train()
@@ -266,6 +275,10 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
             step += 1
             if hasattr(it, "set_postfix"):
                 it.set_postfix(loss=f"{values['train_loss']:.3f}", lr=f"{lr:.3g}")
+            if lines and time.perf_counter() - last_line >= config.log_every:
+                last_line = time.perf_counter()
+                say(f"epoch {epoch + 1}/{config.epochs}: step {batch + 1}/{per_epoch}  train loss "
+                    f"{running.means()['train_loss']:.4f}  lr {lr:.3g}  ({last_line - tick:.0f} s)")
             if run is not None and config.checkpoint_every and step % config.checkpoint_every == 0 \
                     and batch + 1 < per_epoch:
                 with deferred_interrupts():
@@ -285,9 +298,8 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
                 if k != "epoch":
                     writer.add_scalar(k, v, epoch)
             writer.flush()
-        if log is not None:
-            log(f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f}  test loss "
-                f"{record['test_loss']:.4f}  test accuracy {record['test_accuracy']:.2%}  ({record['seconds']:.0f} s)")
+        say(f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f}  test loss "
+            f"{record['test_loss']:.4f}  test accuracy {record['test_accuracy']:.2%}  ({record['seconds']:.0f} s)")
     if writer is not None:
         writer.close()
     probes = _probe(converted, config, data, (train_x, train_y), (test_x, test_y)) \
