@@ -1,7 +1,11 @@
 """Run directories a new user gets wrong: a damaged summary, a run whose checkpoint is gone, an unrelated folder."""
 
 import json
+import time
 
+import pytest
+
+import fwdtrans
 from fwdtrans.app import TrainConfig, train
 from fwdtrans.app._cli import main
 from fwdtrans.app._rundir import RunDir
@@ -56,3 +60,29 @@ def test_an_empty_folder_and_a_failed_study_run_are_run_directories(tmp_path):
     config = TrainConfig(width=2, blocks=2, heads="linear", limit=64, batch_size=32, epochs=1, threads=1, device="cpu")
     for run in (tmp_path / "empty", failed):
         assert train(config, run_dir=str(run))["epochs"][0]["epoch"] == 1
+
+
+def test_an_interrupted_epoch_counts_its_whole_time(tmp_path, monkeypatch):
+    """The epoch's seconds and the run's seconds per step include the part before the interruption."""
+    config = TrainConfig(width=2, blocks=2, heads="linear", limit=96, batch_size=32, epochs=1, threads=1, device="cpu",
+                         checkpoint_every=1)
+    original, taken = fwdtrans.Converted.train_step, [0]
+
+    def slow_train_step(self, optimizer, **kwargs):  # 1.5 s a step; Ctrl-C before the third (of 3)
+        step = original(self, optimizer, **kwargs)
+
+        def slow(x, y):
+            taken[0] += 1
+            if taken[0] == 3:
+                raise KeyboardInterrupt
+            time.sleep(1.5)
+            return step(x, y)
+        return slow
+
+    monkeypatch.setattr(fwdtrans.Converted, "train_step", slow_train_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run_dir=str(tmp_path / "run"))
+    monkeypatch.undo()
+    summary = train(config, run_dir=str(tmp_path / "run"))  # the last step, fast
+    assert summary["epochs"][0]["seconds"] >= 3.0 and summary["seconds"] >= 3.0
+    assert summary["first_step_seconds"] >= 1.5 and summary["seconds_per_step"] >= 1.5  # the second step's

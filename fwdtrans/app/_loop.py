@@ -136,6 +136,42 @@ class _Epoch:
         return {k: s / n for k, (s, n) in self.sums.items()}
 
 
+class _Clock:
+    """A run's wall time, its current epoch's and its step times, carried over interruptions in the checkpoint
+    (an interrupted epoch's ``seconds`` count its every part). The first step of each start pays one-off costs
+    (with ``compile``: the compilation): the run's first is reported on its own, the others left out."""
+
+    def __init__(self, saved: dict | None = None):
+        saved = saved or {}
+        now = time.perf_counter()
+        self.began, self.epoch_began = now - saved.get("run", 0.0), now - saved.get("epoch", 0.0)
+        self.first: float | None = saved.get("first")
+        self.steps: list = list(saved.get("steps", [0.0, 0]))  # seconds and count of the steps timed
+        self.fresh = True  # the next step is this start's first
+
+    def add_step(self, seconds: float) -> None:
+        if self.fresh:
+            self.fresh, self.first = False, seconds if self.first is None else self.first
+        else:
+            self.steps = [self.steps[0] + seconds, self.steps[1] + 1]
+
+    def epoch_seconds(self) -> float:
+        return time.perf_counter() - self.epoch_began
+
+    def run_seconds(self) -> float:
+        return time.perf_counter() - self.began
+
+    def next_epoch(self) -> None:
+        self.epoch_began = time.perf_counter()
+
+    def per_step(self) -> float | None:
+        return self.steps[0] / self.steps[1] if self.steps[1] else self.first
+
+    def state(self, mid_epoch: bool) -> dict:
+        return {"run": self.run_seconds(), "epoch": self.epoch_seconds() if mid_epoch else 0.0, "first": self.first,
+                "steps": self.steps}
+
+
 def train(config: TrainConfig, *, run_dir: str | None = None, progress: Callable | None = None,
           log: Callable[[str], None] | None = None) -> dict:
     """Train with ``config``; return the summary (also written to ``run_dir/summary.json``).
@@ -213,7 +249,7 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
     optimizer = torch.optim.SGD(converted.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    epoch, start, step, history, running = 0, 0, 0, [], _Epoch()
+    epoch, start, step, history, running, clock = 0, 0, 0, [], _Epoch(), _Clock()
     if checkpoint is not None:
         converted.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -221,6 +257,7 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
         epoch, start, step = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]
         history = checkpoint["history"]
         running = _Epoch(checkpoint["sums"])
+        clock = _Clock(checkpoint.get("timing"))
         if epoch < config.epochs:
             say(f"resuming {run.path} at epoch {epoch + 1}/{config.epochs}, step {start + 1}/{per_epoch} "
                 f"({run.checkpoint.name} after {step} steps)")
@@ -244,14 +281,13 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
             return
         save_checkpoint(run.checkpoint, {"format": FORMAT, "epoch": epoch, "batch": batch, "step": step,
                                          "model": converted.state_dict(), "optimizer": optimizer.state_dict(),
-                                         "rng": _rng_state(converted), "sums": running.sums, "history": history})
+                                         "rng": _rng_state(converted), "sums": running.sums, "history": history,
+                                         "timing": clock.state(mid_epoch=batch > 0)})
 
     step_fn = converted.train_step(optimizer, compile=config.compile, sync_batchnorm=config.sync_batchnorm)
-    step_seconds: list[float] = []
-    began = last_line = time.perf_counter()
+    last_line = time.perf_counter()
     lines = log is not None and progress is None and config.log_every > 0  # no bar: a line every log_every seconds
     while epoch < config.epochs:
-        tick = time.perf_counter()
         converted.train()
         it = batches(train_x, train_y, config.batch_size, mean=data.mean, std=data.std, shuffle=True,
                      augment=config.augment and data.augment, generator=epoch_generator(config.seed, epoch),
@@ -270,7 +306,7 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
             t0 = time.perf_counter()
             metrics = step_fn(xb, yb)
             values = {f"train_{k}": float(v) for k, v in metrics.items()}  # train_loss, train_loss/head0, ...
-            step_seconds.append(time.perf_counter() - t0)
+            clock.add_step(time.perf_counter() - t0)
             running.add({**values, **diagnostics})
             step += 1
             if hasattr(it, "set_postfix"):
@@ -278,7 +314,7 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
             if lines and time.perf_counter() - last_line >= config.log_every:
                 last_line = time.perf_counter()
                 say(f"epoch {epoch + 1}/{config.epochs}: step {batch + 1}/{per_epoch}  train loss "
-                    f"{running.means()['train_loss']:.4f}  lr {lr:.3g}  ({last_line - tick:.0f} s)")
+                    f"{running.means()['train_loss']:.4f}  lr {lr:.3g}  ({clock.epoch_seconds():.0f} s)")
             if run is not None and config.checkpoint_every and step % config.checkpoint_every == 0 \
                     and batch + 1 < per_epoch:
                 with deferred_interrupts():
@@ -286,8 +322,9 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
         tested = evaluate(converted, test_x, test_y, data.mean, data.std, heads=method.trains_heads, world=world)
         epoch += 1
         record = {"epoch": epoch, "step": step, "lr": lr, **running.means(), **tested,
-                  "seconds": time.perf_counter() - tick}
+                  "seconds": clock.epoch_seconds()}
         history.append(record)
+        clock.next_epoch()
         start, running = 0, _Epoch()
         if run is not None and world.main:
             with deferred_interrupts():  # the checkpoint holds the epoch before metrics.jsonl does
@@ -312,11 +349,9 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
         "epochs": history,
         "test_accuracy": history[-1]["test_accuracy"],
         "probes": probes,
-        # the first step pays one-off costs (with --compile: the compilation), reported on its own
-        "first_step_seconds": step_seconds[0] if step_seconds else None,
-        "seconds_per_step": (sum(step_seconds[1:]) / (len(step_seconds) - 1) if len(step_seconds) > 1
-                             else step_seconds[0] if step_seconds else None),
-        "seconds": time.perf_counter() - began,
+        "first_step_seconds": clock.first,
+        "seconds_per_step": clock.per_step(),
+        "seconds": clock.run_seconds(),
         "device": str(device),
         "ranks": world.size,
         "versions": _versions(),
