@@ -76,7 +76,8 @@ def test_toml_study_cells(tmp_path):
     (STUDY.replace('columns = ["A"]', 'columns = ["B"]'), "names the column(s) ['B']"),
     (STUDY.replace('seeds = [0]', 'seeds = [-1]'), "'seeds' must be"),
     (STUDY.replace('[[rows]]\nlabel = "E2E"', '[[rows]]\nlabel = "Local, linear"'), "appear twice"),
-    (STUDY + '\n[[columns]]\nlabel = "X"\ndevice = "cpu"\n', "unknown key 'device'"),
+    (STUDY + '\n[[columns]]\nlabel = "X"\ndevice = "cpu"\n', "--device on the command line"),
+    (STUDY.replace('width = 2', 'width = 2\ndata_dir = "data"'), "--data-dir on the command line"),
     ("name = [", "not valid TOML"),
 ])
 def test_toml_refusals_name_the_key(tmp_path, text, words):

@@ -203,6 +203,22 @@ def test_cli_help_and_version(capsys):
     assert "(default: step)" in text and "(default: auto)" in text
 
 
+def test_cli_help_speaks_of_the_cli(capsys):
+    """--no-augment shows no default (augmentation is on), the demo has no run to extend, advice names flags."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--no-augment turn off the paper's augmentation" in text
+    assert "(default: True)" not in text and "(default: False)" not in text
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "extends a finished run" not in text and "--epochs EPOCHS epochs to train each method" in text
+    assert main(["train", *TINY, "--blocks", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "--blocks 22" in err and "multi_tensor" not in err and "fwdtrans.inspect" not in err
+
+
 def test_log_when_not_a_terminal(tmp_path):
     """No bar in a log file: the data, the steps per epoch, a line every --log-every seconds and one per epoch."""
     done = subprocess.run([sys.executable, "-m", "fwdtrans", "train", *TINY, "--epochs", "2", "--log-every", "1e-9"],

@@ -110,8 +110,10 @@ def _fields() -> list[tuple[str, object, tuple[str, ...] | None]]:
     return out
 
 
-def _add_config_options(parser: argparse.ArgumentParser, *, method: bool, defaults: dict) -> None:
-    """One flag per field of TrainConfig and of its Method (``method=False`` leaves out the method's)."""
+def _add_config_options(parser: argparse.ArgumentParser, *, method: bool, defaults: dict, helps: dict) -> None:
+    """One flag per field of TrainConfig and of its Method (``method=False`` leaves out the method's); ``helps``
+    replaces some of the flags' help."""
+    helps = {**_HELP, **helps}
     for name, field_default, choices in _fields():
         if name in METHOD_KEYS and not method:
             continue
@@ -119,20 +121,21 @@ def _add_config_options(parser: argparse.ArgumentParser, *, method: bool, defaul
         flag = "--" + name.replace("_", "-")
         if name == "augment":
             parser.add_argument("--no-augment", dest="augment", action="store_false",
-                                help="turn off " + _HELP["augment"])
+                                help="turn off " + helps["augment"])
         elif isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help=_HELP[name])
+            parser.add_argument(flag, action="store_true", help=helps[name])
         else:
             kind = _TYPES.get(name, type(default))
-            parser.add_argument(flag, type=kind, default=default, choices=choices, help=_HELP[name],
+            parser.add_argument(flag, type=kind, default=default, choices=choices, help=helps[name],
                                 metavar=None if choices else name.upper())
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except where it is ``None`` (its help then says what happens)."""
+    """Shows each option's default, except where it is ``None`` (its help then says what happens) and for a
+    switch (``--compile``: off unless given, ``--no-augment``: on unless given)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help or "" if action.default is None else super()._get_help_string(action)
+        return action.help or "" if action.default is None or action.nargs == 0 else super()._get_help_string(action)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -144,12 +147,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one configuration, resumable with --run-dir", formatter_class=formatter,
                        description="Train one configuration. With --run-dir the run is checkpointed; the same "
                                    "command with the same --run-dir resumes it.")
-    _add_config_options(p, method=True, defaults={})
+    _add_config_options(p, method=True, defaults={}, helps={})
     p.add_argument("--run-dir", default=None, help="run directory: config.json, metrics.jsonl, checkpoint.pt, "
                    "model.pt, summary.json (default: nothing written)")
     d = sub.add_parser("demo", help="train backprop, the forward gradient and local learning briefly; print a table",
                        formatter_class=formatter)
-    _add_config_options(d, method=False, defaults=DEMO_DEFAULTS)
+    _add_config_options(d, method=False, defaults=DEMO_DEFAULTS, helps={"epochs": "epochs to train each method"})
     d.add_argument("--out", default=None, help="JSON file for the table (written atomically)")
     s = sub.add_parser("study", help="run a grid of runs (a preset of the paper's tables, or a TOML file) and write "
                        "its tables and plots", formatter_class=formatter,

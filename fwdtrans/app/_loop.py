@@ -73,8 +73,17 @@ def build(config: TrainConfig, image_shape: tuple[int, ...], num_classes: int) -
     model = resnet18(num_classes=num_classes, width=config.width, skip=config.blocks != 16,
                      in_channels=image_shape[0])
     blocks = model.paper_cuts() if config.blocks in (8, 16) else config.blocks
-    return fwdtrans.convert(model, torch.zeros(2, *image_shape), blocks=blocks, heads=config.head_spec(),
-                            seed=config.seed, method=config.method)
+    example = torch.zeros(2, *image_shape)
+    try:
+        return fwdtrans.convert(model, example, blocks=blocks, heads=config.head_spec(), seed=config.seed,
+                                method=config.method)
+    except FwdTransError:
+        most = len(fwdtrans.inspect(model, example).points) + 1
+        if config.blocks <= most:
+            raise
+        raise FwdTransError(f"blocks={config.blocks}: the ResNet-18 has {most - 1} places to cut, so at most {most} "
+                            f"blocks. Fix: --blocks {most} or fewer (blocks={most} in a TrainConfig); 8 and 16 are "
+                            "the paper's cuts.") from None
 
 
 def _rng_state(converted) -> dict:
