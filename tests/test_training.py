@@ -140,6 +140,7 @@ def test_run_directory_files(tmp_path):
     assert config["data"] == {"name": "cifar10_subset", "train": 96, "test": 1000, "classes": 10,
                               "shape": [3, 32, 32]}
     assert config["segments"][0]["versions"]["torch"] == torch.__version__
+    assert config["config"]["data_dir"] is None  # the shipped subset
     records = RunDir(run).read_metrics()
     for key in ("epoch", "train_loss", "test_loss", "test_accuracy", "lr", "seconds", "train_loss/head0",
                 "test_loss/head0", "guess_cosine/block0", "cosine/block0"):
@@ -289,6 +290,8 @@ def test_train_on_each_dataset(tmp_path, dataset):
     shape, classes = {"fashion-mnist": ([1, 28, 28], 10), "cifar100": ([3, 32, 32], 100),
                       "imagenet32": ([3, 32, 32], 1000)}[dataset]
     assert config["data"]["shape"] == shape and config["data"]["classes"] == classes
+    summary = json.loads((run / "summary.json").read_text())
+    assert config["config"]["data_dir"] == summary["config"]["data_dir"] == "data"  # the folder's name, not its path
     assert (config["config"]["step_size"], config["config"]["gamma"]) == ((20, 0.1) if dataset == "imagenet32"
                                                                          else (30, 0.2))
     assert torch.load(run / "model.pt")["fc.weight"].shape == (classes, 16)

@@ -7,6 +7,7 @@ import importlib.util
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from .._errors import FwdTransError
@@ -91,6 +92,11 @@ class TrainConfig:
         for f in fields(self):
             out.update(self.method.to_dict() if f.name == "method" else {f.name: getattr(self, f.name)})
         return out
+
+    def to_record(self) -> dict[str, Any]:
+        """:meth:`to_dict` as run directories and studies record it: ``data_dir`` by the folder's name alone, so that
+        shared or published run files carry no path of the machine that wrote them."""
+        return {**self.to_dict(), **({"data_dir": Path(self.data_dir).resolve().name} if self.data_dir else {})}
 
     @classmethod
     def from_dict(cls, settings: Mapping[str, Any]) -> TrainConfig:

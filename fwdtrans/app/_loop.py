@@ -279,7 +279,7 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
                "threads": torch.get_num_threads(), "compile": config.compile, "epochs": config.epochs,
                "ranks": world.size, "start_epoch": epoch, "start_step": step, "versions": _versions()}
     if run is not None and world.main:
-        write_json(run.config, {"format": FORMAT, "config": config.to_dict(), "data": identity,
+        write_json(run.config, {"format": FORMAT, "config": config.to_record(), "data": identity,
                                 "method": method.to_dict(), "cuts": list(converted.cut_names),
                                 "segments": [*(recorded or {}).get("segments", []), segment]})
         run.rewrite_metrics(history)  # exactly the epochs the checkpoint holds
@@ -351,7 +351,7 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
     probes = _probe(converted, config, data, (train_x, train_y), (test_x, test_y)) \
         if config.probe_epochs and world.main else {}  # rank 0's, on the whole data
     summary = {
-        "config": config.to_dict(),
+        "config": config.to_record(),
         "method": method.to_dict(),
         "cuts": list(converted.cut_names),
         "data": identity,

@@ -111,7 +111,7 @@ def _record(spec: StudySpec, study_cells: list[Cell], out: Path) -> None:
                                 "--out folder.")
     write_json(path, {"format": FORMAT, "name": spec.name, "title": spec.title, "notes": spec.notes,
                       "runs": [{"name": c.name, "row": c.row.label, "column": c.column.label, "seed": c.seed,
-                                "config": c.config.to_dict()} for c in study_cells]})
+                                "config": c.config.to_record()} for c in study_cells]})
 
 
 def status(cell: Cell, out: str | os.PathLike) -> tuple[str, int]:
