@@ -220,6 +220,34 @@ def test_cli_help_speaks_of_the_cli(capsys):
     assert "--blocks 22" in err and "multi_tensor" not in err and "fwdtrans.inspect" not in err
 
 
+# the command line in a process whose fwdtrans package skips its __init__ (as a library importing lazily would)
+WITHOUT_LIBRARY = """
+import importlib.util, sys
+package = importlib.util.module_from_spec(importlib.util.find_spec("fwdtrans"))
+package.__version__ = "0"
+sys.modules["fwdtrans"] = package
+from fwdtrans.app import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "numpy", "tqdm", "PIL"}))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["trian"], []])
+def test_version_help_and_a_mistyped_command_import_no_training_code(argv):
+    done = subprocess.run([sys.executable, "-c", WITHOUT_LIBRARY, *argv], capture_output=True, text=True, timeout=60)
+    assert done.stdout.splitlines()[-1] == "[]", done.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="fwdtrans/__init__.py imports torch: the library's imports are not lazy yet")
+def test_fwdtrans_version_does_not_import_torch():
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "fwdtrans", "--version"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "torch" not in [line.split("|")[-1].strip() for line in done.stderr.splitlines()]
+
+
 def test_log_when_not_a_terminal(tmp_path):
     """No bar in a log file: the data, the steps per epoch, a line every --log-every seconds and one per epoch."""
     done = subprocess.run([sys.executable, "-m", "fwdtrans", "train", *TINY, "--epochs", "2", "--log-every", "1e-9"],
