@@ -11,7 +11,6 @@ epoch (data order and augmentation, ``_batches``).
 
 from __future__ import annotations
 
-import copy
 import platform
 import random
 import time
@@ -30,6 +29,7 @@ from ._batches import batches, epoch_generator, num_batches
 from ._config import EXECUTION_KEYS, TrainConfig
 from ._datasets import ImageDataset, load_dataset
 from ._group import World, join_group, resolve_device
+from ._probe import probe
 from ._rundir import FORMAT, RunDir, deferred_interrupts, load_checkpoint, save_checkpoint, save_torch, write_json
 from ._schedule import lr_factor
 
@@ -348,7 +348,7 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
             f"{record['test_loss']:.4f}  test accuracy {record['test_accuracy']:.2%}  ({record['seconds']:.0f} s)")
     if writer is not None:
         writer.close()
-    probes = _probe(converted, config, data, (train_x, train_y), (test_x, test_y)) \
+    probes = probe(converted, config, data, (train_x, train_y), (test_x, test_y)) \
         if config.probe_epochs and world.main else {}  # rank 0's, on the whole data
     summary = {
         "config": config.to_record(),
@@ -369,54 +369,6 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
         save_torch(run.model, converted.original_state_dict())
         write_json(run.summary, summary)
     return summary
-
-
-def _probe(converted: fwdtrans.Converted, config: TrainConfig, data: ImageDataset, train_set, test_set) -> dict:
-    """Per-block losses of fresh heads trained on the frozen, detached block outputs (eval mode):
-    ``probe_train_loss/head{j}`` (the last probe epoch's mean) and ``probe_test_loss/head{j}``.
-    The network is not touched and the run's random state is left as it was."""
-    devices = [train_set[0].device] if train_set[0].device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(config.seed)
-        heads = copy.deepcopy(converted.heads).train()
-        for m in heads.modules():
-            if m is not heads and hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-        optimizer = torch.optim.SGD(heads.parameters(), lr=0.05, momentum=0.9, weight_decay=config.weight_decay)
-        converted.eval()
-        out: dict[str, float] = {}
-        for epoch in range(config.probe_epochs):
-            sums = torch.zeros(len(heads))
-            count = 0
-            for xb, yb in batches(*train_set, config.batch_size, mean=data.mean, std=data.std, shuffle=True,
-                                  augment=config.augment and data.augment, drop_last=True,
-                                  generator=epoch_generator(config.seed + 1, epoch)):
-                losses = torch.stack([F.cross_entropy(head(h), yb)
-                                      for head, h in zip(heads, _features(converted, xb), strict=True)])
-                optimizer.zero_grad()
-                losses.sum().backward()
-                optimizer.step()
-                sums += losses.detach().cpu()
-                count += 1
-            out = {f"probe_train_loss/head{j}": float(v) / count for j, v in enumerate(sums)}
-        heads.eval()
-        tests = torch.zeros(len(heads))
-        with torch.no_grad():
-            for xb, yb in batches(*test_set, 500, mean=data.mean, std=data.std, shuffle=False, augment=False):
-                tests += torch.stack([F.cross_entropy(head(h), yb, reduction="sum")
-                                      for head, h in zip(heads, _features(converted, xb), strict=True)]).cpu()
-        converted.train()
-    return {**out, **{f"probe_test_loss/head{j}": float(v) / len(test_set[1]) for j, v in enumerate(tests)}}
-
-
-@torch.no_grad()
-def _features(converted: fwdtrans.Converted, x: torch.Tensor) -> list[torch.Tensor]:
-    """The outputs of every block but the last."""
-    h, out = (x,), []
-    for block in converted.blocks[:-1]:
-        h = (block(*h),)
-        out.append(h[0])
-    return out
 
 
 def _tensorboard(run: RunDir):
