@@ -76,7 +76,8 @@ def test_toml_study_cells(tmp_path):
     (STUDY.replace('columns = ["A"]', 'columns = ["B"]'), "names the column(s) ['B']"),
     (STUDY.replace('seeds = [0]', 'seeds = [-1]'), "'seeds' must be"),
     (STUDY.replace('[[rows]]\nlabel = "E2E"', '[[rows]]\nlabel = "Local, linear"'), "appear twice"),
-    (STUDY + '\n[[columns]]\nlabel = "X"\ndevice = "cpu"\n', "unknown key 'device'"),
+    (STUDY + '\n[[columns]]\nlabel = "X"\ndevice = "cpu"\n', "--device on the command line"),
+    (STUDY.replace('width = 2', 'width = 2\ndata_dir = "data"'), "--data-dir on the command line"),
     ("name = [", "not valid TOML"),
 ])
 def test_toml_refusals_name_the_key(tmp_path, text, words):
@@ -186,6 +187,27 @@ def test_jobs_run_cells_in_parallel_processes(tmp_path):
     assert all((out / "runs" / r / "summary.json").is_file() for r in runs)
     assert json.loads((out / "runs" / runs[0] / "config.json").read_text())["segments"][0]["threads"] == max(
         1, (os.cpu_count() or 1) // 2)  # each job gets an equal share of the cores
+
+
+def test_published_run_files_hold_no_machine_path():
+    """The committed study records the data folder by its name only (``data_dir``), never an absolute path."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "docs" / "results" / "mini"
+    configs = [r["config"] for r in json.loads((folder / "study.json").read_text())["runs"]]
+    for run in (folder / "runs").iterdir():
+        configs += [json.loads((run / name).read_text())["config"] for name in ("config.json", "summary.json")]
+    assert len(configs) > 2 and all(c["data_dir"] in (None, "data") for c in configs)
+
+
+def test_a_study_records_the_data_folder_by_name(tmp_path):
+    data = tmp_path / "machine" / "data"
+    data.mkdir(parents=True)
+    spec = load_spec(write(tmp_path, STUDY))
+    from fwdtrans.app._study import _record
+
+    _record(spec, cells(spec, data_dir=str(data)), tmp_path)
+    assert {r["config"]["data_dir"] for r in json.loads((tmp_path / "study.json").read_text())["runs"]} == {"data"}
 
 
 def test_the_results_page_shows_the_table_of_its_committed_files():

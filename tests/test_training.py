@@ -140,6 +140,7 @@ def test_run_directory_files(tmp_path):
     assert config["data"] == {"name": "cifar10_subset", "train": 96, "test": 1000, "classes": 10,
                               "shape": [3, 32, 32]}
     assert config["segments"][0]["versions"]["torch"] == torch.__version__
+    assert config["config"]["data_dir"] is None  # the shipped subset
     records = RunDir(run).read_metrics()
     for key in ("epoch", "train_loss", "test_loss", "test_accuracy", "lr", "seconds", "train_loss/head0",
                 "test_loss/head0", "guess_cosine/block0", "cosine/block0"):
@@ -203,13 +204,71 @@ def test_cli_help_and_version(capsys):
     assert "(default: step)" in text and "(default: auto)" in text
 
 
-def test_log_is_one_line_per_epoch_when_not_a_terminal(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "fwdtrans", "train", *TINY, "--epochs", "2"], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def test_cli_help_speaks_of_the_cli(capsys):
+    """--no-augment shows no default (augmentation is on), the demo has no run to extend, advice names flags."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--no-augment turn off the paper's augmentation" in text
+    assert "(default: True)" not in text and "(default: False)" not in text
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "extends a finished run" not in text and "--epochs EPOCHS epochs to train each method" in text
+    assert main(["train", *TINY, "--blocks", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "--blocks 22" in err and "multi_tensor" not in err and "fwdtrans.inspect" not in err
+
+
+# the command line in a process whose fwdtrans package skips its __init__ (as a library importing lazily would)
+WITHOUT_LIBRARY = """
+import importlib.util, sys
+package = importlib.util.module_from_spec(importlib.util.find_spec("fwdtrans"))
+package.__version__ = "0"
+sys.modules["fwdtrans"] = package
+from fwdtrans.app import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "numpy", "tqdm", "PIL"}))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["trian"], []])
+def test_version_help_and_a_mistyped_command_import_no_training_code(argv):
+    done = subprocess.run([sys.executable, "-c", WITHOUT_LIBRARY, *argv], capture_output=True, text=True, timeout=60)
+    assert done.stdout.splitlines()[-1] == "[]", done.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="fwdtrans/__init__.py imports torch: the library's imports are not lazy yet")
+def test_fwdtrans_version_does_not_import_torch():
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "fwdtrans", "--version"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "torch" not in [line.split("|")[-1].strip() for line in done.stderr.splitlines()]
+
+
+def test_log_when_not_a_terminal(tmp_path):
+    """No bar in a log file: the data, the steps per epoch, a line every --log-every seconds and one per epoch."""
+    done = subprocess.run([sys.executable, "-m", "fwdtrans", "train", *TINY, "--epochs", "2", "--log-every", "1e-9"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""  # no progress bar in a log file
     lines = done.stdout.splitlines()
-    assert [line.split(":")[0] for line in lines[:2]] == ["epoch 1/2", "epoch 2/2"] and len(lines) == 3
+    assert lines[0] == "data: cifar10_subset, 96 training images (of 5000), 1000 test images; 3 steps of 32 per epoch"
+    assert [line.split("  ")[0] for line in lines[1:4]] == ["epoch 1/2: step 1/3", "epoch 1/2: step 2/3",
+                                                            "epoch 1/2: step 3/3"]
+    assert lines[4].startswith("epoch 1/2: train loss")
+    assert "train loss" in lines[1] and lines[-1].startswith("test accuracy") and len(lines) == 10
+
+
+def test_a_resumed_run_says_where_it_resumes(tmp_path, capsys):
+    argv = ["train", *TINY, "--epochs", "2", "--checkpoint-every", "1", "--run-dir", str(tmp_path / "run")]
+    assert run_until(argv, 4).returncode == 9  # killed in epoch 2, after its first step
+    assert main([*argv, "--log-every", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == f"resuming {tmp_path / 'run'} at epoch 2/2, step 2/3 (checkpoint.pt after 4 steps)"
+    assert lines[2].startswith("epoch 2/2: train loss") and len(lines) == 4
 
 
 def test_same_seed_same_run_and_demo_table(tmp_path, capsys):
@@ -259,6 +318,8 @@ def test_train_on_each_dataset(tmp_path, dataset):
     shape, classes = {"fashion-mnist": ([1, 28, 28], 10), "cifar100": ([3, 32, 32], 100),
                       "imagenet32": ([3, 32, 32], 1000)}[dataset]
     assert config["data"]["shape"] == shape and config["data"]["classes"] == classes
+    summary = json.loads((run / "summary.json").read_text())
+    assert config["config"]["data_dir"] == summary["config"]["data_dir"] == "data"  # the folder's name, not its path
     assert (config["config"]["step_size"], config["config"]["gamma"]) == ((20, 0.1) if dataset == "imagenet32"
                                                                          else (30, 0.2))
     assert torch.load(run / "model.pt")["fc.weight"].shape == (classes, 16)

@@ -3,7 +3,8 @@ tables) and ``fwdtrans demo`` (three methods side by side).
 
 Every option is a field of :class:`TrainConfig`, or of its :class:`fwdtrans.Method`; the flags, their types,
 choices (a ``Literal``'s values) and defaults are generated from them, so the CLI, the config recorded in
-a run directory and the Python API agree.
+a run directory and the Python API agree. ``--version``, ``--help`` and a mistyped command import neither torch
+nor the training code: the flags of a command are built only when it is named.
 """
 
 from __future__ import annotations
@@ -16,19 +17,15 @@ import sys
 import threading
 import typing
 from functools import partial
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 import fwdtrans
 
 from .._errors import FwdTransError
-from ._datasets import DATASETS
-from ._loop import METHOD_KEYS, TrainConfig, train
-from ._presets import PRESETS, preset
-from ._rundir import write_json
 from ._schedule import SCHEDULES
-from ._study import estimate, run_study
-from ._studyspec import cells, load_spec
+
+if TYPE_CHECKING:
+    from ._config import TrainConfig
 
 __all__ = ["main"]
 
@@ -40,6 +37,7 @@ DEMO_METHODS = (
 # the demo's short schedule: one epoch of the shipped subset per method, annealed to zero
 DEMO_DEFAULTS = {"epochs": 1, "batch_size": 64, "schedule": "cosine"}
 
+_COMMANDS = ("train", "demo", "study")
 _HELP = {
     "model": "architecture (the paper's CIFAR ResNet-18)",
     "width": "ResNet width (64 = the paper's)",
@@ -76,6 +74,8 @@ _HELP = {
     "checkpoint_every": "also checkpoint every N steps (0: at the end of each epoch only)",
     "diagnostics_every": "every N steps, record per block cos(guess, target) (Eq. 6) and cos(estimate, true gradient)",
     "tensorboard": "also write TensorBoard scalars to RUN_DIR/tensorboard (needs tensorboard installed)",
+    "log_every": "when the output is not a terminal (no progress bar): a progress line every N seconds (0: one line "
+                 "per epoch only)",
     "sync_batchnorm": "under torchrun: BatchNorm statistics over every rank's share of the batch (default: each rank "
                       "normalises its own share, as DDP)",
     "dist_timeout": "under torchrun: seconds a rank waits for the others (to join, or in a collective) before it "
@@ -83,8 +83,7 @@ _HELP = {
     "probe_epochs": "after training, train fresh heads N epochs on the frozen network's block outputs and record "
                     "their per-block losses (the paper's Figure 2, for methods that train no heads)",
 }
-_CHOICES = {"model": ("resnet18",), "heads": ("auto", "cnn", "mlp", "linear"), "dataset": DATASETS,
-            "schedule": SCHEDULES}
+_CHOICES = {"model": ("resnet18",), "heads": ("auto", "cnn", "mlp", "linear"), "schedule": SCHEDULES}
 _TYPES = {"head_width": int, "step_size": int, "threads": int, "gamma": float, "data_dir": str}
 
 
@@ -97,18 +96,26 @@ def _literal(hint) -> tuple[str, ...] | None:
 
 def _fields() -> list[tuple[str, object, tuple[str, ...] | None]]:
     """(name, default, choices) of every flag: TrainConfig's fields, with the Method's in place of ``method``."""
+    from ._config import TrainConfig
+    from ._datasets import DATASETS
+
+    choices = {**_CHOICES, "dataset": DATASETS}
     hints = typing.get_type_hints(fwdtrans.Method)
     out: list[tuple[str, object, tuple[str, ...] | None]] = []
     for f in dataclasses.fields(TrainConfig):
         if f.name == "method":
             out += [(m.name, m.default, _literal(hints[m.name])) for m in dataclasses.fields(fwdtrans.Method)]
         else:
-            out.append((f.name, f.default, _CHOICES.get(f.name)))
+            out.append((f.name, f.default, choices.get(f.name)))
     return out
 
 
-def _add_config_options(parser: argparse.ArgumentParser, *, method: bool, defaults: dict) -> None:
-    """One flag per field of TrainConfig and of its Method (``method=False`` leaves out the method's)."""
+def _add_config_options(parser: argparse.ArgumentParser, *, method: bool, defaults: dict, helps: dict) -> None:
+    """One flag per field of TrainConfig and of its Method (``method=False`` leaves out the method's); ``helps``
+    replaces some of the flags' help."""
+    from ._config import METHOD_KEYS
+
+    helps = {**_HELP, **helps}
     for name, field_default, choices in _fields():
         if name in METHOD_KEYS and not method:
             continue
@@ -116,23 +123,25 @@ def _add_config_options(parser: argparse.ArgumentParser, *, method: bool, defaul
         flag = "--" + name.replace("_", "-")
         if name == "augment":
             parser.add_argument("--no-augment", dest="augment", action="store_false",
-                                help="turn off " + _HELP["augment"])
+                                help="turn off " + helps["augment"])
         elif isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help=_HELP[name])
+            parser.add_argument(flag, action="store_true", help=helps[name])
         else:
             kind = _TYPES.get(name, type(default))
-            parser.add_argument(flag, type=kind, default=default, choices=choices, help=_HELP[name],
+            parser.add_argument(flag, type=kind, default=default, choices=choices, help=helps[name],
                                 metavar=None if choices else name.upper())
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except where it is ``None`` (its help then says what happens)."""
+    """Shows each option's default, except where it is ``None`` (its help then says what happens) and for a
+    switch (``--compile``: off unless given, ``--no-augment``: on unless given)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help or "" if action.default is None else super()._get_help_string(action)
+        return action.help or "" if action.default is None or action.nargs == 0 else super()._get_help_string(action)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None) -> argparse.ArgumentParser:
+    """The command line's parser, with the flags of ``command`` alone (``None``: the commands without their flags)."""
     parser = argparse.ArgumentParser(prog="fwdtrans", description="Train with forward gradients (Fournier et al., "
                                      "ICML 2023).", formatter_class=_Help)
     parser.add_argument("--version", action="version", version=f"fwdtrans {fwdtrans.__version__}")
@@ -141,18 +150,31 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one configuration, resumable with --run-dir", formatter_class=formatter,
                        description="Train one configuration. With --run-dir the run is checkpointed; the same "
                                    "command with the same --run-dir resumes it.")
-    _add_config_options(p, method=True, defaults={})
-    p.add_argument("--run-dir", default=None, help="run directory: config.json, metrics.jsonl, checkpoint.pt, "
-                   "model.pt, summary.json (default: nothing written)")
     d = sub.add_parser("demo", help="train backprop, the forward gradient and local learning briefly; print a table",
                        formatter_class=formatter)
-    _add_config_options(d, method=False, defaults=DEMO_DEFAULTS)
-    d.add_argument("--out", default=None, help="JSON file for the table (written atomically)")
     s = sub.add_parser("study", help="run a grid of runs (a preset of the paper's tables, or a TOML file) and write "
                        "its tables and plots", formatter_class=formatter,
                        description="Run a study: one resumable run directory per cell under --out, then the table "
                                    "(markdown, CSV) beside the paper's numbers, and plots. The same command resumes "
                                    "it.")
+    if command is not None:
+        {"train": _train_options, "demo": _demo_options, "study": _study_options}[command]({"train": p, "demo": d,
+                                                                                            "study": s}[command])
+    return parser
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
+    _add_config_options(p, method=True, defaults={}, helps={})
+    p.add_argument("--run-dir", default=None, help="run directory: config.json, metrics.jsonl, checkpoint.pt, "
+                   "model.pt, summary.json (default: nothing written)")
+
+
+def _demo_options(d: argparse.ArgumentParser) -> None:
+    _add_config_options(d, method=False, defaults=DEMO_DEFAULTS, helps={"epochs": "epochs to train each method"})
+    d.add_argument("--out", default=None, help="JSON file for the table (written atomically)")
+
+
+def _study_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("preset", nargs="?", default=None, help="a preset (see --list)")
     s.add_argument("--config", default=None, help="a study in a TOML file instead of a preset")
     s.add_argument("--out", default=None, help="the study's folder")
@@ -165,10 +187,11 @@ def _parser() -> argparse.ArgumentParser:
                    "CIFAR-10 subset shipped with fwdtrans")
     s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
-    return parser
 
 
 def _config(args: argparse.Namespace, **override) -> TrainConfig:
+    from ._config import TrainConfig
+
     names = {name for name, _, _ in _fields()}
     return TrainConfig.from_dict({**{k: v for k, v in vars(args).items() if k in names}, **override})
 
@@ -176,6 +199,8 @@ def _config(args: argparse.Namespace, **override) -> TrainConfig:
 def _progress():
     """A bar on a terminal; nothing otherwise (a log file gets the per-epoch lines only)."""
     if sys.stderr.isatty():
+        from tqdm import tqdm
+
         return partial(tqdm, leave=False, dynamic_ncols=True, file=sys.stderr)
     return None
 
@@ -196,6 +221,10 @@ def _say(*args, **kwargs) -> None:
 
 
 def _study(args: argparse.Namespace) -> int:
+    from ._presets import PRESETS, preset
+    from ._study import estimate, run_study
+    from ._studyspec import cells, load_spec
+
     if args.list:
         print(f"{'preset':<16} {'runs':>5}  description")
         for name, p in PRESETS.items():
@@ -222,12 +251,16 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser(argv[0] if argv and argv[0] in _COMMANDS else None).parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # a scheduler's SIGTERM = Ctrl-C
     try:
         if args.command == "study":
             return _study(args)
+        from ._loop import train
+        from ._rundir import write_json
+
         if args.command == "train":
             summary = train(_config(args), run_dir=args.run_dir, progress=_progress(), log=_log)
             ms = summary["seconds_per_step"]

@@ -11,298 +11,29 @@ epoch (data order and augmentation, ``_batches``).
 
 from __future__ import annotations
 
-import atexit
-import copy
-import dataclasses
-import importlib.util
-import json
-import math
-import os
 import platform
 import random
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import fwdtrans
 
-from .. import _distributed
 from .._errors import FwdTransError
-from .._method import Method
-from ..heads import AutoHead, CNNHead, HeadSpec, LinearHead, MLPHead
 from ..models import resnet18
 from ._batches import batches, epoch_generator, num_batches
-from ._datasets import DATASETS, ImageDataset, load_dataset
+from ._config import EXECUTION_KEYS, TrainConfig
+from ._datasets import ImageDataset, load_dataset
+from ._group import World, join_group, resolve_device
+from ._probe import probe
 from ._rundir import FORMAT, RunDir, deferred_interrupts, load_checkpoint, save_checkpoint, save_torch, write_json
-from ._schedule import SCHEDULES, lr_factor
+from ._schedule import lr_factor
 
-__all__ = ["EXECUTION_KEYS", "METHOD_KEYS", "TrainConfig", "World", "build", "evaluate", "join_group", "resolve_device",
-           "train"]
-
-# settings that may change when a run resumes: they change how, where or what is logged, not what is trained (and,
-# like the number of ranks, sync_batchnorm only changes which samples share BatchNorm's statistics)
-EXECUTION_KEYS = ("epochs", "device", "threads", "compile", "checkpoint_every", "diagnostics_every", "tensorboard",
-                  "data_dir", "sync_batchnorm", "dist_timeout")
-_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-_PAPER_SCHEDULE = {"imagenet32": (20, 0.1)}  # (step_size, gamma); the others: (30, 0.2)
-_HEADS = ("auto", "cnn", "mlp", "linear")
-METHOD_KEYS = tuple(f.name for f in fields(Method))  # the method's fields, flat in config.json, studies and flags
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a run; recorded in its ``config.json`` and summary.
-
-    Model: ``width`` scales the ResNet-18 (64 = the paper's); ``blocks=8`` and ``16`` are the
-    paper's cuts (16: no skip connections); ``heads="auto"`` sizes each head to 10% of its
-    block's FLOPs, and ``head_width=None`` scales the paper's CNN/MLP widths (32/1024 for 8 blocks,
-    16/512 for 16 blocks, at width 64) with ``width``. ``method``: a [`fwdtrans.Method`][fwdtrans.Method];
-    recorded flat (:meth:`to_dict`, :meth:`from_dict`: ``guess="local"`` beside ``width=16``), as
-    studies and the command line's flags set it. Data: ``dataset`` read from ``data_dir`` (``None``: the
-    CIFAR-10 subset shipped with fwdtrans), the first ``limit`` training images (0: all).
-    Optimisation: SGD; ``schedule="step"`` multiplies the rate by ``gamma`` every ``step_size``
-    epochs (``None``: the paper's, 30 and 0.2, ImageNet32 20 and 0.1). Execution (may differ when
-    a run resumes): ``device`` (``"auto"``: CUDA when available), ``threads``, ``compile``,
-    ``checkpoint_every`` steps, ``diagnostics_every`` steps (per-block cosines, Eq. 6),
-    ``tensorboard``; under ``torchrun`` (several ranks): ``sync_batchnorm`` (BatchNorm statistics over every
-    rank's share of the batch) and ``dist_timeout`` (seconds a rank waits for the others).
-    ``probe_epochs``: after training, fresh heads are trained that many epochs on the frozen network's
-    block outputs, for per-block losses of methods that train no heads (the paper's Figure 2).
-
-    Example:
-        >>> TrainConfig(width=4, blocks=2, epochs=1).validate().schedule
-        'step'
-        >>> TrainConfig.from_dict({"width": 4, "guess": "ntk"}).method.guess
-        'ntk'
-    """
-
-    model: str = "resnet18"
-    width: int = 16
-    blocks: int = 8
-    heads: str = "auto"
-    head_width: int | None = None
-    method: Method = field(default_factory=Method)
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    limit: int = 0
-    augment: bool = True
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "step"
-    step_size: int | None = None
-    gamma: float | None = None
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None
-    compile: bool = False
-    checkpoint_every: int = 0
-    diagnostics_every: int = 0
-    tensorboard: bool = False
-    sync_batchnorm: bool = False
-    dist_timeout: float = 300.0
-    probe_epochs: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as ``config.json`` and the summary record it: flat, the method's fields in its place."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            out.update(self.method.to_dict() if f.name == "method" else {f.name: getattr(self, f.name)})
-        return out
-
-    @classmethod
-    def from_dict(cls, settings: Mapping[str, Any]) -> TrainConfig:
-        """A config from flat settings (:meth:`to_dict`'s form): the method's fields make its ``method``."""
-        method = {k: v for k, v in settings.items() if k in METHOD_KEYS}
-        rest = {k: v for k, v in settings.items() if k not in METHOD_KEYS}
-        if "method" in rest and method:
-            raise FwdTransError(f"method= and the method field(s) {', '.join(method)}: give the method one way.")
-        return cls(**rest) if "method" in rest else cls(**rest, method=Method(**method))
-
-    def validate(self) -> TrainConfig:
-        """Refuse a bad value before anything runs; return the config with the paper's schedule
-        filled in for the data set where ``step_size``/``gamma`` are ``None``."""
-        checks = [
-            (self.model == "resnet18", "model", "the CLI trains resnet18; use fwdtrans.convert for other models"),
-            (self.width >= 1, "width", "use a positive integer"),
-            (self.blocks >= 2, "blocks", "use at least 2 (one block has no cut)"),
-            (self.heads in _HEADS, "heads", f"use one of {', '.join(_HEADS)}"),
-            (self.head_width is None or self.head_width >= 1, "head_width", "use a positive integer"),
-            (self.dataset in DATASETS, "dataset", f"use one of {', '.join(DATASETS)}"),
-            (self.limit >= 0, "limit", "use 0 (all images) or a positive count"),
-            (self.epochs >= 1, "epochs", "use at least 1"),
-            (self.batch_size >= 1, "batch_size", "use at least 1"),
-            (math.isfinite(self.lr) and self.lr > 0, "lr", "use a positive learning rate"),
-            (0 <= self.momentum < 1, "momentum", "use a value in [0, 1)"),
-            (self.weight_decay >= 0, "weight_decay", "use a value >= 0"),
-            (self.schedule in SCHEDULES, "schedule", f"use one of {', '.join(SCHEDULES)}"),
-            (self.step_size is None or self.step_size >= 1, "step_size", "use at least 1 epoch"),
-            (self.gamma is None or 0 < self.gamma <= 1, "gamma", "use a value in (0, 1]"),
-            (self.threads is None or self.threads >= 1, "threads", "use at least 1"),
-            (self.checkpoint_every >= 0, "checkpoint_every", "use 0 (end of each epoch only) or a step count"),
-            (self.diagnostics_every >= 0, "diagnostics_every", "use 0 (off) or a step count"),
-            (self.probe_epochs >= 0, "probe_epochs", "use 0 (off) or an epoch count"),
-            (math.isfinite(self.dist_timeout) and self.dist_timeout > 0, "dist_timeout", "use a positive number of "
-             "seconds"),
-        ]
-        for ok, key, fix in checks:
-            if not ok:
-                raise FwdTransError(f"{key}={getattr(self, key)!r} is not valid: {fix}.")
-        if not isinstance(self.method, Method):
-            raise FwdTransError(f"method={self.method!r} is not valid: use a fwdtrans.Method.")
-        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
-            raise FwdTransError("tensorboard=True needs the tensorboard package. Fix: pip install tensorboard, or "
-                                "leave it off (metrics.jsonl is always written).")
-        resolve_device(self.device)
-        step_size, gamma = _PAPER_SCHEDULE.get(self.dataset, (30, 0.2))
-        return dataclasses.replace(self, step_size=self.step_size or step_size,
-                                   gamma=self.gamma if self.gamma is not None else gamma)
-
-    def head_spec(self) -> HeadSpec:
-        scale = self.width / 64
-        if self.heads == "cnn":
-            return CNNHead(width=self.head_width or max(4, round((16 if self.blocks == 16 else 32) * scale)))
-        if self.heads == "mlp":
-            return MLPHead(width=self.head_width or max(16, round((512 if self.blocks == 16 else 1024) * scale)))
-        return LinearHead() if self.heads == "linear" else AutoHead()
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; refuse a device this machine does not have."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise FwdTransError(f"device={name!r} is not a device. Fix: use auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (device.index or 0) >= count:
-            raise FwdTransError(f"device={name!r}: this machine has {count} CUDA device(s). Fix: use --device auto "
-                                "or cpu, or a cuda:N that exists.")
-    elif device.type != "cpu" and not getattr(torch, device.type).is_available():
-        raise FwdTransError(f"device={name!r} is not available here. Fix: use --device auto or cpu.")
-    return device
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place in a data-parallel run: ``rank`` of ``size`` ranks (``torchrun``), in ``group``
-    (``None``: a single process), exchanging values on ``device`` (NCCL's collectives take CUDA tensors only).
-    Rank 0 writes the run directory and logs."""
-
-    rank: int = 0
-    size: int = 1
-    group: Any = None
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self, what: str) -> None:
-        """Wait for every rank (a FwdTransError, not a hang, when one fails or does not come)."""
-        if self.group is None:
-            return
-        try:
-            dist.barrier(group=self.group)
-        except RuntimeError as e:
-            raise _distributed.failure(e, f"wait for the other ranks {what}", self.group) from e
-
-    def agree(self, error: FwdTransError | None, what: str) -> None:
-        """Raise on every rank when ``what`` failed on any (``error``: this rank's failure, or ``None``): this
-        rank's own error, or one naming the rank that failed; one small all-reduce, so that a failure on one rank
-        ends the others at once rather than after the timeout, and never pairs their later collectives wrongly."""
-        if self.group is None:
-            if error is not None:
-                raise error
-            return
-        failed = self.sum({f"{r}": float(r == self.rank and error is not None) for r in range(self.size)})
-        if error is not None:
-            raise error
-        ranks = [r for r in range(self.size) if failed[f"{r}"]]
-        if ranks:
-            raise FwdTransError(f"rank {ranks[0]} failed {what}; its error above names the fix.")
-
-    def mean(self, values: dict[str, float]) -> dict[str, float]:
-        """The mean of each value over the ranks (one all-reduce)."""
-        return {k: v / self.size for k, v in self.sum(values).items()}
-
-    def sum(self, values: dict[str, float]) -> dict[str, float]:
-        """The sum of each value over the ranks (one all-reduce; every rank must pass the same keys)."""
-        if self.group is None or not values:
-            return values
-        keys = sorted(values)
-        flat = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
-        try:
-            dist.all_reduce(flat, group=self.group)
-        except RuntimeError as e:
-            raise _distributed.failure(e, "sum of values over the ranks", self.group) from e
-        return {k: float(v) for k, v in zip(keys, flat.tolist(), strict=True)}
-
-
-def join_group(device: torch.device, timeout: float = 300.0) -> tuple[World, torch.device]:
-    """This process's :class:`World` and the device it trains on. Under ``torchrun`` (``WORLD_SIZE`` > 1) the
-    default process group is initialised from its environment on first use (gloo on CPU, NCCL on CUDA, each
-    rank on ``cuda:LOCAL_RANK``), waiting at most ``timeout`` seconds for the other ranks; a group initialised
-    beforehand (by the caller) is used as it is.
-
-    Example:
-        >>> world, device = join_group(torch.device("cpu"))  # not under torchrun: a single process
-        >>> world.rank, world.size, world.main, device
-        (0, 1, True, device(type='cpu'))
-    """
-    env = os.environ
-    if dist.is_available() and dist.is_initialized():
-        rank, size = dist.get_rank(), dist.get_world_size()
-    else:
-        try:
-            size = int(env.get("WORLD_SIZE", "1"))
-        except ValueError:
-            raise FwdTransError(f"WORLD_SIZE={env['WORLD_SIZE']!r} is not a number of processes. Fix: launch with "
-                                "torchrun --nproc-per-node N, which sets it, or unset it.") from None
-        rank = 0
-    if size <= 1:
-        return World(), device
-    if device.type == "cuda":
-        local, per_node = int(env.get("LOCAL_RANK", "0")), int(env.get("LOCAL_WORLD_SIZE", "1"))
-        if device.index is not None and per_node > 1:
-            raise FwdTransError(f"--device {device} with {per_node} ranks on this machine: each rank trains on "
-                                "cuda:LOCAL_RANK. Fix: --device cuda (or auto).")
-        device = torch.device("cuda", local if device.index is None else device.index)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        missing = [k for k in _TORCHRUN_ENV if k not in env]
-        if missing:
-            raise FwdTransError(f"WORLD_SIZE={size} says this is one of several processes, but {', '.join(missing)} "
-                                f"{'is' if len(missing) == 1 else 'are'} not set. Fix: launch with torchrun "
-                                "--nproc-per-node N -m fwdtrans ... (it sets them all), or unset WORLD_SIZE.")
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        try:
-            dist.init_process_group(backend, timeout=_distributed.timeout(timeout))
-        except (RuntimeError, ValueError) as e:
-            raise FwdTransError(
-                f"rank {env['RANK']} of {size} could not join the process group ({backend}, rendezvous at "
-                f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}, waiting at most {timeout:g} s): "
-                f"{str(e).strip()[:300]}. Fix: start every rank (torchrun --nnodes/--nproc-per-node), with the same "
-                "MASTER_ADDR and MASTER_PORT reachable from all of them.") from e
-        atexit.register(_leave_group)
-        rank = dist.get_rank()
-    return World(rank, size, dist.group.WORLD, device), device
-
-
-def _leave_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+__all__ = ["build", "evaluate", "train"]
 
 
 @torch.no_grad()
@@ -342,8 +73,17 @@ def build(config: TrainConfig, image_shape: tuple[int, ...], num_classes: int) -
     model = resnet18(num_classes=num_classes, width=config.width, skip=config.blocks != 16,
                      in_channels=image_shape[0])
     blocks = model.paper_cuts() if config.blocks in (8, 16) else config.blocks
-    return fwdtrans.convert(model, torch.zeros(2, *image_shape), blocks=blocks, heads=config.head_spec(),
-                            seed=config.seed, method=config.method)
+    example = torch.zeros(2, *image_shape)
+    try:
+        return fwdtrans.convert(model, example, blocks=blocks, heads=config.head_spec(), seed=config.seed,
+                                method=config.method)
+    except FwdTransError:
+        most = len(fwdtrans.inspect(model, example).points) + 1
+        if config.blocks <= most:
+            raise
+        raise FwdTransError(f"blocks={config.blocks}: the ResNet-18 has {most - 1} places to cut, so at most {most} "
+                            f"blocks. Fix: --blocks {most} or fewer (blocks={most} in a TrainConfig); 8 and 16 are "
+                            "the paper's cuts.") from None
 
 
 def _rng_state(converted) -> dict:
@@ -405,14 +145,51 @@ class _Epoch:
         return {k: s / n for k, (s, n) in self.sums.items()}
 
 
+class _Clock:
+    """A run's wall time, its current epoch's and its step times, carried over interruptions in the checkpoint
+    (an interrupted epoch's ``seconds`` count its every part). The first step of each start pays one-off costs
+    (with ``compile``: the compilation): the run's first is reported on its own, the others left out."""
+
+    def __init__(self, saved: dict | None = None):
+        saved = saved or {}
+        now = time.perf_counter()
+        self.began, self.epoch_began = now - saved.get("run", 0.0), now - saved.get("epoch", 0.0)
+        self.first: float | None = saved.get("first")
+        self.steps: list = list(saved.get("steps", [0.0, 0]))  # seconds and count of the steps timed
+        self.fresh = True  # the next step is this start's first
+
+    def add_step(self, seconds: float) -> None:
+        if self.fresh:
+            self.fresh, self.first = False, seconds if self.first is None else self.first
+        else:
+            self.steps = [self.steps[0] + seconds, self.steps[1] + 1]
+
+    def epoch_seconds(self) -> float:
+        return time.perf_counter() - self.epoch_began
+
+    def run_seconds(self) -> float:
+        return time.perf_counter() - self.began
+
+    def next_epoch(self) -> None:
+        self.epoch_began = time.perf_counter()
+
+    def per_step(self) -> float | None:
+        return self.steps[0] / self.steps[1] if self.steps[1] else self.first
+
+    def state(self, mid_epoch: bool) -> dict:
+        return {"run": self.run_seconds(), "epoch": self.epoch_seconds() if mid_epoch else 0.0, "first": self.first,
+                "steps": self.steps}
+
+
 def train(config: TrainConfig, *, run_dir: str | None = None, progress: Callable | None = None,
           log: Callable[[str], None] | None = None) -> dict:
     """Train with ``config``; return the summary (also written to ``run_dir/summary.json``).
 
     With ``run_dir``, the run is checkpointed and resumable (see the module docstring); a finished
     run is not trained again (its summary is returned; a larger ``epochs`` extends it).
-    ``progress`` wraps each epoch's batch iterator (e.g. ``functools.partial(tqdm, ...)``), ``log``
-    receives one line per epoch.
+    ``progress`` wraps each epoch's batch iterator (e.g. ``functools.partial(tqdm, ...)``); ``log``
+    receives the data set and steps per epoch, where a run resumes, one line per epoch, and without
+    ``progress`` a line every ``config.log_every`` seconds.
 
     Under ``torchrun`` (see :func:`join_group`) every rank trains on its contiguous share of each batch of
     the same epoch plan; rank 0 alone writes the run directory, logs and shows progress; every rank loads
@@ -460,11 +237,20 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
     recorded = run.read_config() if run is not None else None
     if recorded is not None:
         _check_resumable(recorded, config, identity, run)
-        if run.summary.is_file():
-            done = json.loads(run.summary.read_text())
-            if done["config"]["epochs"] == config.epochs:  # finished: nothing to train
-                return done
+        done = run.read_summary()
+        if done is not None and done["config"]["epochs"] == config.epochs:  # finished: nothing to train
+            return done
+    if run is not None and run.leftovers():
+        names = ", ".join(run.leftovers())
+        raise FwdTransError(f"{run.path} holds {names} of trained epochs but no {run.checkpoint.name} to resume "
+                            f"from. Fix: restore {run.checkpoint.name}, or delete {names} and config.json to start the "
+                            "run over, or use a new --run-dir.")
     checkpoint = load_checkpoint(run.checkpoint) if run is not None and run.checkpoint.is_file() else None
+    per_epoch = num_batches(train_size, config.batch_size, drop_last=True)
+    say = log or (lambda line: None)
+    of = f" (of {len(data.train_y)})" if train_size < len(data.train_y) else ""
+    say(f"data: {data.name}, {train_size} training images{of}, {len(data.test_y)} test images; {per_epoch} steps of "
+        f"{config.batch_size} per epoch")
 
     torch.manual_seed(config.seed)
     converted = build(config, data.image_shape, data.num_classes).to(device)
@@ -472,8 +258,7 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
     optimizer = torch.optim.SGD(converted.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    per_epoch = num_batches(train_size, config.batch_size, drop_last=True)
-    epoch, start, step, history, running = 0, 0, 0, [], _Epoch()
+    epoch, start, step, history, running, clock = 0, 0, 0, [], _Epoch(), _Clock()
     if checkpoint is not None:
         converted.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -481,6 +266,10 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
         epoch, start, step = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]
         history = checkpoint["history"]
         running = _Epoch(checkpoint["sums"])
+        clock = _Clock(checkpoint.get("timing"))
+        if epoch < config.epochs:
+            say(f"resuming {run.path} at epoch {epoch + 1}/{config.epochs}, step {start + 1}/{per_epoch} "
+                f"({run.checkpoint.name} after {step} steps)")
     if epoch > config.epochs:
         raise FwdTransError(f"{run.path} has already trained {epoch} epochs; epochs={config.epochs} cannot shrink it. "
                             f"Fix: pass --epochs {epoch} or more.")
@@ -490,7 +279,7 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
                "threads": torch.get_num_threads(), "compile": config.compile, "epochs": config.epochs,
                "ranks": world.size, "start_epoch": epoch, "start_step": step, "versions": _versions()}
     if run is not None and world.main:
-        write_json(run.config, {"format": FORMAT, "config": config.to_dict(), "data": identity,
+        write_json(run.config, {"format": FORMAT, "config": config.to_record(), "data": identity,
                                 "method": method.to_dict(), "cuts": list(converted.cut_names),
                                 "segments": [*(recorded or {}).get("segments", []), segment]})
         run.rewrite_metrics(history)  # exactly the epochs the checkpoint holds
@@ -501,13 +290,13 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
             return
         save_checkpoint(run.checkpoint, {"format": FORMAT, "epoch": epoch, "batch": batch, "step": step,
                                          "model": converted.state_dict(), "optimizer": optimizer.state_dict(),
-                                         "rng": _rng_state(converted), "sums": running.sums, "history": history})
+                                         "rng": _rng_state(converted), "sums": running.sums, "history": history,
+                                         "timing": clock.state(mid_epoch=batch > 0)})
 
     step_fn = converted.train_step(optimizer, compile=config.compile, sync_batchnorm=config.sync_batchnorm)
-    step_seconds: list[float] = []
-    began = time.perf_counter()
+    last_line = time.perf_counter()
+    lines = log is not None and progress is None and config.log_every > 0  # no bar: a line every log_every seconds
     while epoch < config.epochs:
-        tick = time.perf_counter()
         converted.train()
         it = batches(train_x, train_y, config.batch_size, mean=data.mean, std=data.std, shuffle=True,
                      augment=config.augment and data.augment, generator=epoch_generator(config.seed, epoch),
@@ -526,11 +315,15 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
             t0 = time.perf_counter()
             metrics = step_fn(xb, yb)
             values = {f"train_{k}": float(v) for k, v in metrics.items()}  # train_loss, train_loss/head0, ...
-            step_seconds.append(time.perf_counter() - t0)
+            clock.add_step(time.perf_counter() - t0)
             running.add({**values, **diagnostics})
             step += 1
             if hasattr(it, "set_postfix"):
                 it.set_postfix(loss=f"{values['train_loss']:.3f}", lr=f"{lr:.3g}")
+            if lines and time.perf_counter() - last_line >= config.log_every:
+                last_line = time.perf_counter()
+                say(f"epoch {epoch + 1}/{config.epochs}: step {batch + 1}/{per_epoch}  train loss "
+                    f"{running.means()['train_loss']:.4f}  lr {lr:.3g}  ({clock.epoch_seconds():.0f} s)")
             if run is not None and config.checkpoint_every and step % config.checkpoint_every == 0 \
                     and batch + 1 < per_epoch:
                 with deferred_interrupts():
@@ -538,8 +331,9 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
         tested = evaluate(converted, test_x, test_y, data.mean, data.std, heads=method.trains_heads, world=world)
         epoch += 1
         record = {"epoch": epoch, "step": step, "lr": lr, **running.means(), **tested,
-                  "seconds": time.perf_counter() - tick}
+                  "seconds": clock.epoch_seconds()}
         history.append(record)
+        clock.next_epoch()
         start, running = 0, _Epoch()
         if run is not None and world.main:
             with deferred_interrupts():  # the checkpoint holds the epoch before metrics.jsonl does
@@ -550,26 +344,23 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
                 if k != "epoch":
                     writer.add_scalar(k, v, epoch)
             writer.flush()
-        if log is not None:
-            log(f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f}  test loss "
-                f"{record['test_loss']:.4f}  test accuracy {record['test_accuracy']:.2%}  ({record['seconds']:.0f} s)")
+        say(f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f}  test loss "
+            f"{record['test_loss']:.4f}  test accuracy {record['test_accuracy']:.2%}  ({record['seconds']:.0f} s)")
     if writer is not None:
         writer.close()
-    probes = _probe(converted, config, data, (train_x, train_y), (test_x, test_y)) \
+    probes = probe(converted, config, data, (train_x, train_y), (test_x, test_y)) \
         if config.probe_epochs and world.main else {}  # rank 0's, on the whole data
     summary = {
-        "config": config.to_dict(),
+        "config": config.to_record(),
         "method": method.to_dict(),
         "cuts": list(converted.cut_names),
         "data": identity,
         "epochs": history,
         "test_accuracy": history[-1]["test_accuracy"],
         "probes": probes,
-        # the first step pays one-off costs (with --compile: the compilation), reported on its own
-        "first_step_seconds": step_seconds[0] if step_seconds else None,
-        "seconds_per_step": (sum(step_seconds[1:]) / (len(step_seconds) - 1) if len(step_seconds) > 1
-                             else step_seconds[0] if step_seconds else None),
-        "seconds": time.perf_counter() - began,
+        "first_step_seconds": clock.first,
+        "seconds_per_step": clock.per_step(),
+        "seconds": clock.run_seconds(),
         "device": str(device),
         "ranks": world.size,
         "versions": _versions(),
@@ -578,54 +369,6 @@ def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
         save_torch(run.model, converted.original_state_dict())
         write_json(run.summary, summary)
     return summary
-
-
-def _probe(converted: fwdtrans.Converted, config: TrainConfig, data: ImageDataset, train_set, test_set) -> dict:
-    """Per-block losses of fresh heads trained on the frozen, detached block outputs (eval mode):
-    ``probe_train_loss/head{j}`` (the last probe epoch's mean) and ``probe_test_loss/head{j}``.
-    The network is not touched and the run's random state is left as it was."""
-    devices = [train_set[0].device] if train_set[0].device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(config.seed)
-        heads = copy.deepcopy(converted.heads).train()
-        for m in heads.modules():
-            if m is not heads and hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-        optimizer = torch.optim.SGD(heads.parameters(), lr=0.05, momentum=0.9, weight_decay=config.weight_decay)
-        converted.eval()
-        out: dict[str, float] = {}
-        for epoch in range(config.probe_epochs):
-            sums = torch.zeros(len(heads))
-            count = 0
-            for xb, yb in batches(*train_set, config.batch_size, mean=data.mean, std=data.std, shuffle=True,
-                                  augment=config.augment and data.augment, drop_last=True,
-                                  generator=epoch_generator(config.seed + 1, epoch)):
-                losses = torch.stack([F.cross_entropy(head(h), yb)
-                                      for head, h in zip(heads, _features(converted, xb), strict=True)])
-                optimizer.zero_grad()
-                losses.sum().backward()
-                optimizer.step()
-                sums += losses.detach().cpu()
-                count += 1
-            out = {f"probe_train_loss/head{j}": float(v) / count for j, v in enumerate(sums)}
-        heads.eval()
-        tests = torch.zeros(len(heads))
-        with torch.no_grad():
-            for xb, yb in batches(*test_set, 500, mean=data.mean, std=data.std, shuffle=False, augment=False):
-                tests += torch.stack([F.cross_entropy(head(h), yb, reduction="sum")
-                                      for head, h in zip(heads, _features(converted, xb), strict=True)]).cpu()
-        converted.train()
-    return {**out, **{f"probe_test_loss/head{j}": float(v) / len(test_set[1]) for j, v in enumerate(tests)}}
-
-
-@torch.no_grad()
-def _features(converted: fwdtrans.Converted, x: torch.Tensor) -> list[torch.Tensor]:
-    """The outputs of every block but the last."""
-    h, out = (x,), []
-    for block in converted.blocks[:-1]:
-        h = (block(*h),)
-        out.append(h[0])
-    return out
 
 
 def _tensorboard(run: RunDir):

@@ -30,7 +30,7 @@ def collect(study_cells: list[Cell], out: Path) -> dict[str, dict]:
     results = {}
     for cell in study_cells:
         run = RunDir(out / "runs" / cell.name)
-        summary = json.loads(run.summary.read_text()) if run.summary.is_file() else None
+        summary = run.read_summary()
         done = summary is not None and summary["config"]["epochs"] == cell.config.epochs
         failed = run.path / "failed.json"
         results[cell.name] = {

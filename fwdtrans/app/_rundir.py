@@ -38,6 +38,8 @@ __all__ = ["FORMAT", "RunDir", "atomic_write", "deferred_interrupts", "load_chec
 FORMAT = 1  # config.json's format version; bump when a run directory's layout changes
 _MAGIC = b"FWDTRANS-CKPT\x01"
 _HEADER = len(_MAGIC) + 32 + 8  # magic, sha256 of the payload, payload length
+# what a run directory may hold besides its files: its lock, TensorBoard's folder, a study's record of a failed run
+_OTHERS = (".lock", "tensorboard", "failed.json")
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
@@ -150,8 +152,13 @@ class RunDir:
         self.model = self.path / "model.pt"
 
     def prepare(self) -> None:
-        """Create the folder and take its lock, or refuse: the folder cannot be written, or another
-        process is training in it. The lock is released when the process ends or :meth:`release`."""
+        """Create the folder and take its lock, or refuse: the folder cannot be written, holds other files than a
+        run's, or another process is training in it. The lock is released when the process ends or :meth:`release`."""
+        foreign = self._foreign()
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise FwdTransError(f"--run-dir {self.path} is not a run directory: it holds {shown}. Fix: choose a new "
+                                "or empty folder for --run-dir.")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock = open(self.path / ".lock", "w")  # noqa: SIM115 (held until release or exit)
@@ -164,6 +171,15 @@ class RunDir:
             self._lock.close()
             raise FwdTransError(f"another process is training in {self.path}. Fix: wait for it to finish (or stop "
                                 "it); two processes must not write one run directory.") from None
+
+    def _foreign(self) -> list[str]:
+        """What the folder holds that no run writes (entries named as ``ls -F`` would), sorted."""
+        if not self.path.is_dir() or self.config.is_file():
+            return []
+        own = {p.name for p in (self.config, self.checkpoint, self.metrics, self.summary, self.model)}
+        return sorted(p.name + ("/" if p.is_dir() else "") for p in self.path.iterdir()
+                      if p.name not in own | set(_OTHERS)
+                      and not (p.name.startswith(".") and p.name.endswith(".tmp")))  # atomic_write's, left by a crash
 
     def release(self) -> None:
         """Release the lock taken by :meth:`prepare`."""
@@ -181,6 +197,24 @@ class RunDir:
         except (OSError, ValueError) as e:
             raise FwdTransError(f"{self.config} cannot be read ({e}). Fix: restore it, or start the run in a new "
                                 "--run-dir.") from None
+
+    def read_summary(self) -> dict | None:
+        """The recorded ``summary.json`` (a finished run), or ``None``."""
+        if not self.summary.is_file():
+            return None
+        try:
+            return json.loads(self.summary.read_text())
+        except (OSError, ValueError) as e:
+            raise FwdTransError(f"{self.summary} cannot be read ({e}). Fix: delete it; the same command then "
+                                f"rewrites it from {self.checkpoint.name} (or, without one, start the run in a new "
+                                "--run-dir).") from None
+
+    def leftovers(self) -> list[str]:
+        """The files of trained epochs in a folder without ``checkpoint.pt`` (which the run cannot resume)."""
+        if self.checkpoint.is_file():
+            return []
+        return [p.name for p in (self.metrics, self.model, self.summary)
+                if p.is_file() and (p != self.metrics or self.read_metrics())]
 
     def append_metrics(self, record: dict) -> None:
         """Append one epoch's record and make it durable."""

@@ -23,7 +23,9 @@ import torch
 from .._distributed import GroupFailure
 from .._errors import FwdTransError
 from ._batches import num_batches
-from ._loop import TrainConfig, build, join_group, resolve_device, train
+from ._config import TrainConfig
+from ._group import join_group, resolve_device
+from ._loop import build, train
 from ._report import write_report
 from ._rundir import FORMAT, RunDir, write_json
 from ._studyspec import Cell, StudySpec, cells
@@ -109,14 +111,15 @@ def _record(spec: StudySpec, study_cells: list[Cell], out: Path) -> None:
                                 "--out folder.")
     write_json(path, {"format": FORMAT, "name": spec.name, "title": spec.title, "notes": spec.notes,
                       "runs": [{"name": c.name, "row": c.row.label, "column": c.column.label, "seed": c.seed,
-                                "config": c.config.to_dict()} for c in study_cells]})
+                                "config": c.config.to_record()} for c in study_cells]})
 
 
 def status(cell: Cell, out: str | os.PathLike) -> tuple[str, int]:
     """``("done" | "failed" | "partial" | "new", epochs finished)`` of a cell's run directory."""
     run = RunDir(Path(out) / "runs" / cell.name)
     epochs = len(run.read_metrics())
-    if run.summary.is_file() and json.loads(run.summary.read_text())["config"]["epochs"] == cell.config.epochs:
+    summary = run.read_summary()
+    if summary is not None and summary["config"]["epochs"] == cell.config.epochs:
         return "done", epochs
     if (run.path / "failed.json").is_file():
         return "failed", epochs

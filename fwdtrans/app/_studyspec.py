@@ -54,7 +54,7 @@ from typing import Any
 
 from .._errors import FwdTransError
 from .._method import HEAD_GUESSES
-from ._loop import TrainConfig
+from ._config import TrainConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -67,9 +67,10 @@ _DEFAULTS = TrainConfig().to_dict()  # the flat fields, the method's among them,
 _STUDY_ONLY = {"engine": "auto"}  # values a study accepts beyond TrainConfig's
 # the fields a study's train, rows, columns and overrides may set (data_dir, device and threads come
 # from the command line), with their accepted types
+_COMMAND_LINE = ("data_dir", "device", "threads")
 _TYPES = {name: (float, int) if isinstance(default, float) else (type(default),)
           for name, default in _DEFAULTS.items()
-          if default is not None and name not in ("device", "threads", "tensorboard")}
+          if name not in (*_COMMAND_LINE, "tensorboard") and default is not None}
 _TYPES.update(head_width=(int,), step_size=(int,), gamma=(float, int))
 
 
@@ -291,6 +292,10 @@ def _check_fields(settings: Mapping[str, Any], where: str, values: bool = True) 
     """Refuse a key that is not a TrainConfig field a study may set, or a value of the wrong type
     (``values=False``: a match, whose values may be tuples of accepted values)."""
     for key, value in settings.items():
+        if key in _COMMAND_LINE:
+            raise FwdTransError(f"{where}: {key} is set with --{key.replace('_', '-')} on the command line, not in a "
+                                f"study. Fix: remove it and run fwdtrans study ... --{key.replace('_', '-')} "
+                                f"{key.upper()}.")
         if key not in _TYPES:
             raise FwdTransError(f"{where}: unknown key {key!r}. Fix: use TrainConfig fields among {sorted(_TYPES)}.")
         for v in value if (not values and isinstance(value, tuple)) else (value,):
