@@ -5,18 +5,25 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _step
 from ._blocks import as_inputs, call, replaying, rng_state
 from ._engine import space_for
 from ._method import Method, on_reference
 
-if TYPE_CHECKING:
-    from ._converted import Converted
+
+class Checked(_step.Stepped, Protocol):
+    """What ``check`` reads of a converted model (``Converted`` is one), besides what a step does."""
+
+    heads: nn.ModuleList
+
+    @property
+    def segments(self) -> tuple[tuple[int, ...], ...]: ...
 
 __all__ = ["BlockCheck", "CheckReport", "check"]
 
@@ -130,12 +137,12 @@ def _gaps(pairs: dict[str, tuple[Tensor | None, Tensor | None]]) -> dict[str, fl
     return gaps
 
 
-def _engine_pairs(forward: nn.Module, reference: nn.Module) -> dict[str, tuple[Tensor | None, Tensor | None]]:
+def _engine_pairs(forward: Checked, reference: Checked) -> dict[str, tuple[Tensor | None, Tensor | None]]:
     return {n: (p.grad, q.grad)
             for (n, p), (_, q) in zip(forward.named_parameters(), reference.named_parameters(), strict=True)}
 
 
-def _backprop_pairs(model: Converted, x: Any, y: Tensor) -> dict[str, tuple[Tensor | None, Tensor | None]]:
+def _backprop_pairs(model: Checked, x: Any, y: Tensor) -> dict[str, tuple[Tensor | None, Tensor | None]]:
     """Per trained block parameter (each once): the step's backprop (``guess="global"``) and the gradient of the
     global loss through the whole ``model`` (a copy, which this changes) as one function of its parameters, each
     passed once (``torch.func.grad``, under which dropout draws the step's masks)."""
@@ -144,17 +151,17 @@ def _backprop_pairs(model: Converted, x: Any, y: Tensor) -> dict[str, tuple[Tens
     buffers = dict(model.named_buffers())
 
     def loss(p: dict[str, Tensor]) -> Tensor:
-        return F.cross_entropy(call(model, p, buffers, *as_inputs(x))[0], y)
+        return F.cross_entropy(call(cast(nn.Module, model), p, buffers, *as_inputs(x))[0], y)
 
     rng = rng_state()
     with replaying(rng):
-        model._gradients(as_inputs(x), y)
+        _step.run(model, as_inputs(x), y)
     with replaying(rng), torch.no_grad():  # torch.func.grad differentiates on its own
         true = torch.func.grad(loss)(params)
     return {n: (p.grad, true[n]) for n, p in params.items()}
 
 
-def check(converted: Converted, batch: tuple[Any, Tensor], *, verbose: bool = False) -> CheckReport:
+def check(converted: Checked, batch: tuple[Any, Tensor], *, verbose: bool = False) -> CheckReport:
     """Run one step of both engines on copies of ``converted`` and report, per block, how the
     estimate compares with the true gradient of its target; then compare the step's backprop with autograd
     through the whole model (``backprop_gap``). ``converted`` is left untouched.
@@ -177,9 +184,10 @@ def check(converted: Converted, batch: tuple[Any, Tensor], *, verbose: bool = Fa
     devices = [] if device.type == "cpu" else [device]
     with torch.random.fork_rng(devices, device_type=device.type):  # both engines draw the same dropout masks
         # on copies, on this process's batch alone: the caller's mode is the caller's business
-        forward.compute_gradients(x, y, allow_eval=True, distributed=False)
+        _step.check_step(forward, as_inputs(x), y, allow_eval=True)
+        _step.run(forward, as_inputs(x), y)
     record: dict = {}
-    reference._gradients(x, y, record=record)
+    _step.run(reference, as_inputs(x), y, record=record)
 
     gaps = _gaps(_engine_pairs(forward, reference))
     backprop = _gaps(_backprop_pairs(reference, x, y))

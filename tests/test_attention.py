@@ -251,7 +251,7 @@ def test_the_zoo_vit_with_mlp_heads_per_tensor(float64):
 def test_check_runs_every_step_on_the_kernel_convert_chose(float64, monkeypatch):
     converted, batch = _converted("tokens", "mlp")
     kernels = []
-    context = fwdtrans._converted.attention_context
+    context = fwdtrans._step.attention_context
 
     def spy(math_attention):
         kernels.append(math_attention)
