@@ -257,7 +257,7 @@ def test_check_runs_every_step_on_the_kernel_convert_chose(float64, monkeypatch)
         kernels.append(math_attention)
         return context(math_attention)
 
-    monkeypatch.setattr(fwdtrans._converted, "attention_context", spy)
+    monkeypatch.setattr(fwdtrans._step, "attention_context", spy)
     fwdtrans.check(converted, batch)
     assert len(kernels) >= 3 and all(kernels)  # both engines' steps and the backprop step
 
