@@ -40,7 +40,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from fwdtrans._errors import FwdTransError
-from fwdtrans.app._datasets import DATASETS, ImageDataset, _read_idx, load_dataset
+from fwdtrans.app._datasets import DATASETS, ImageDataset, load_dataset
+from fwdtrans.app._formats import _read_idx
 
 SOURCE_NPZ = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10" / "cifar10_jpeg.npz"
 @pytest.fixture(scope="module")
