@@ -243,7 +243,7 @@ def _labels(record: Path, tag: str, rank: int) -> list[list[int]]:
 
 def _global_batches() -> list[list[int]]:
     """The labels of every global batch of TINY's run, in order: its epochs' plans, drawn in this process."""
-    config = _config(_parser().parse_args(["train", *TINY]))
+    config = _config(_parser("train").parse_args(["train", *TINY]))
     data = load_dataset(config.dataset, config.data_dir)
     x, y = data.train_x[:config.limit], data.train_y[:config.limit]
     return [yb.tolist() for epoch in range(config.epochs)

@@ -241,7 +241,6 @@ def test_version_help_and_a_mistyped_command_import_no_training_code(argv):
     assert done.stdout.splitlines()[-1] == "[]", done.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="fwdtrans/__init__.py imports torch: the library's imports are not lazy yet")
 def test_fwdtrans_version_does_not_import_torch():
     done = subprocess.run([sys.executable, "-X", "importtime", "-m", "fwdtrans", "--version"], capture_output=True,
                           text=True, timeout=60)
