@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
+from zoo import Warp
 
 import fwdtrans
 
@@ -158,17 +158,6 @@ class Branchy(nn.Module):
 class Noisy(nn.Module):
     def forward(self, x):
         return x + 0.1 * torch.randn_like(x) if self.training else x
-
-
-class Warp(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.fc = nn.Conv2d(3, 2, 1), nn.Conv2d(2, 2, 1), nn.Linear(2, 2)
-
-    def forward(self, x):
-        h = torch.relu(self.b(torch.relu(self.a(x))))
-        h = F.grid_sample(h, h.permute(0, 2, 3, 1).tanh(), align_corners=False)
-        return self.fc(h.mean((2, 3)))
 
 
 class Pair(nn.Module):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from models import assert_gradients_match, grads
 from torch import nn
 from torch.func import jvp, vjp, vmap
-from zoo import ZOO
+from zoo import ZOO, Warp
 
 import fwdtrans
 from fwdtrans._support import NativeGRU, NativeLSTM, NativeRNN, fused_rnn_free
@@ -164,17 +164,6 @@ def test_fused_rnn_free_leaves_subclasses_and_other_modules_alone():
     model = nn.Sequential(MyLSTM(2, 3), nn.Linear(3, 3), nn.GRU(3, 3))
     assert fused_rnn_free(model) is model
     assert [type(m) for m in model] == [MyLSTM, nn.Linear, NativeGRU]
-
-
-class Warp(nn.Module):  # grid_sample has no forward-mode derivative
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.fc = nn.Conv2d(3, 2, 1), nn.Conv2d(2, 2, 1), nn.Linear(2, 2)
-
-    def forward(self, x):
-        h = torch.relu(self.b(torch.relu(self.a(x))))
-        h = F.grid_sample(h, h.permute(0, 2, 3, 1).tanh(), align_corners=False)
-        return self.fc(h.mean((2, 3)))
 
 
 def test_an_op_without_forward_ad_is_named_at_convert_time():

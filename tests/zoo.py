@@ -2,6 +2,7 @@
 
 import einops
 import torch
+import torch.nn.functional as F
 from einops.layers.torch import Rearrange
 from torch import nn
 
@@ -158,3 +159,14 @@ ZOO = {
     "mlp-mixer": (Mixer, (4, 3, 16, 16)),
     "lstm": (LSTMClassifier, (4, 7, 6)),  # convert must call _support.fused_rnn_free (see tests/test_zoo.py)
 }
+
+
+class Warp(nn.Module):  # grid_sample has no forward-mode derivative
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 2, 1), nn.Conv2d(2, 2, 1), nn.Linear(2, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        h = F.grid_sample(h, h.permute(0, 2, 3, 1).tanh(), align_corners=False)
+        return self.fc(h.mean((2, 3)))

@@ -54,12 +54,12 @@ from torch import Tensor, nn
 
 from .._errors import FwdTransError
 from .._method import Method
-from .collectives import GroupFailure, collective_error, failure, flatten, group_rank, timeout, unflatten
+from .collectives import GroupFailure, failure, flatten, group_rank, guarded, timeout, unflatten
 from .reducer import BUCKET_BYTES, Reducer
 from .syncbn import enable_sync_batchnorm, sync_problems
 
 __all__ = ["BUCKET_BYTES", "GroupFailure", "Reducer", "Replica", "broadcast_state", "enable_sync_batchnorm", "failure",
-           "group_rank", "resolve", "sync_problems", "timeout"]
+           "group_rank", "guarded", "resolve", "sync_problems", "timeout"]
 
 
 class Replica(Protocol):
@@ -123,18 +123,13 @@ def broadcast_state(converted: Replica, group: Any) -> None:
     groups: dict[tuple, list[Tensor]] = {}
     for t in tensors:
         groups.setdefault((t.dtype, t.device), []).append(t)
-    try:
-        with torch.no_grad():
-            for members in groups.values():
-                flat = flatten([t.detach() for t in members])
-                dist.broadcast(flat, src, group=group)
-                for t, r in zip(members, unflatten(flat, members), strict=True):
-                    t.copy_(r)
-            like = tensors[0] if tensors else torch.empty(0)
-            state = converted.generator.get_state().to(like.device)
-            dist.broadcast(state, src, group=group)
-            converted.generator.set_state(state.cpu())
-    except RuntimeError as e:
-        if collective_error(e):
-            raise failure(e, "broadcast of rank 0's parameters", group) from e
-        raise
+    with guarded("broadcast of rank 0's parameters", group), torch.no_grad():
+        for members in groups.values():
+            flat = flatten([t.detach() for t in members])
+            dist.broadcast(flat, src, group=group)
+            for t, r in zip(members, unflatten(flat, members), strict=True):
+                t.copy_(r)
+        like = tensors[0] if tensors else torch.empty(0)
+        state = converted.generator.get_state().to(like.device)
+        dist.broadcast(state, src, group=group)
+        converted.generator.set_state(state.cpu())

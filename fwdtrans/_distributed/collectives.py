@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -54,14 +55,22 @@ def group_rank(group: Any = None) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- collectives
-def all_reduce(flat: Tensor, group: Any, what: str, async_op: bool = False) -> Any:
-    """Sum ``flat`` over ``group`` in place (eager); the work handle when ``async_op``."""
+@contextlib.contextmanager
+def guarded(what: str, group: Any) -> Iterator[None]:
+    """Run collectives: a failed one (a rank died, timed out, a broken connection) raises :class:`GroupFailure`
+    naming ``what``; any other error passes."""
     try:
-        return dist.all_reduce(flat, group=group, async_op=async_op)
+        yield
     except RuntimeError as e:
         if collective_error(e):
             raise failure(e, what, group) from e
         raise
+
+
+def all_reduce(flat: Tensor, group: Any, what: str, async_op: bool = False) -> Any:
+    """Sum ``flat`` over ``group`` in place (eager); the work handle when ``async_op``."""
+    with guarded(what, group):
+        return dist.all_reduce(flat, group=group, async_op=async_op)
 
 
 def group_sum(flat: Tensor, group: Any, what: str) -> Tensor:

@@ -13,7 +13,7 @@ from torch import Tensor
 from .._engine import Plan, SweepView, before_step, space_for
 from .._errors import FwdTransError
 from .._method import Method
-from .collectives import all_reduce, collective_error, failure, flatten, unflatten, weighted_mean
+from .collectives import all_reduce, flatten, guarded, unflatten, weighted_mean
 from .syncbn import SYNC
 
 __all__ = ["BUCKET_BYTES", "Reducer"]
@@ -50,11 +50,8 @@ class Reducer:
         self._pending, self._sent, self._seen = [], [], set()
         token = SYNC.set(self.group if self.sync_batchnorm else None)
         try:
-            yield
-        except RuntimeError as e:
-            if collective_error(e):
-                raise failure(e, "step's collectives", self.group) from e
-            raise
+            with guarded("step's collectives", self.group):
+                yield
         finally:
             SYNC.reset(token)
             self._pending, self._sent, self._seen = [], [], set()
@@ -155,14 +152,10 @@ class Reducer:
         flat = torch.stack([metrics[k].to(torch.float64) for k in names] + [like.new_tensor(1.0, dtype=torch.float64)])
         flat = (flat * self.batch).to(like.device)
         counted = all_reduce(flat, self.group, "all-reduce of the metrics", async_op=True)
-        try:
+        with guarded("wait for the step's all-reduces", self.group):
             for _, work, _ in self._sent:
                 work.wait()
             counted.wait()
-        except RuntimeError as e:
-            if collective_error(e):
-                raise failure(e, "wait for the step's all-reduces", self.group) from e
-            raise
         total = flat[-1]
         grads, buffers = dict(grads), dict(buffers)
         for summed, _, entries in self._sent:

@@ -55,10 +55,8 @@ class World:
         """Wait for every rank (a FwdTransError, not a hang, when one fails or does not come)."""
         if self.group is None:
             return
-        try:
+        with _distributed.guarded(f"wait for the other ranks {what}", self.group):
             dist.barrier(group=self.group)
-        except RuntimeError as e:
-            raise _distributed.failure(e, f"wait for the other ranks {what}", self.group) from e
 
     def agree(self, error: FwdTransError | None, what: str) -> None:
         """Raise on every rank when ``what`` failed on any (``error``: this rank's failure, or ``None``): this
@@ -85,10 +83,8 @@ class World:
             return values
         keys = sorted(values)
         flat = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
-        try:
+        with _distributed.guarded("sum of values over the ranks", self.group):
             dist.all_reduce(flat, group=self.group)
-        except RuntimeError as e:
-            raise _distributed.failure(e, "sum of values over the ranks", self.group) from e
         return {k: float(v) for k, v in zip(keys, flat.tolist(), strict=True)}
 
 
