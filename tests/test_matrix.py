@@ -1,7 +1,6 @@
 """The study matrix: every valid target x guess x space, both engines, and the estimator's properties."""
 
 import copy
-import dataclasses
 import itertools
 
 import pytest
@@ -13,6 +12,7 @@ from models import Generated, assert_gradients_match, generated_models, grads, h
 
 import fwdtrans
 from fwdtrans._errors import FwdTransError
+from fwdtrans._method import on_reference
 
 
 def _methods():
@@ -42,7 +42,7 @@ METHODS = _methods()
 def _pair(model, x, blocks, heads, method):
     forward = fwdtrans.convert(model, x, blocks=blocks, heads=heads, **method.to_dict())
     reference = copy.deepcopy(forward)
-    reference.method = dataclasses.replace(method, engine="reference")
+    reference.method = on_reference(method)
     for c in (forward, reference):
         c.generator.manual_seed(7)
     return forward, reference
