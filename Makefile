@@ -23,8 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy
-	$(PY) -m pytest -n 2
-	$(PY) -m pytest --doctest-modules fwdtrans
+	$(PY) -m pytest -n 2 tests fwdtrans --doctest-modules  # the tests and the docstring examples, on 2 workers
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir site
 
 $(BENCH_STAMP): $(STAMP) pyproject.toml

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from .. import _distributed
 from .._errors import FwdTransError
 
-__all__ = ["World", "join_group", "resolve_device"]
+__all__ = ["World", "join_group", "leave_group", "resolve_device"]
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -46,6 +46,7 @@ class World:
     size: int = 1
     group: Any = None
     device: torch.device = torch.device("cpu")
+    owned: bool = False  # join_group started the group: leave_group ends it
 
     @property
     def main(self) -> bool:
@@ -134,11 +135,20 @@ def join_group(device: torch.device, timeout: float = 300.0) -> tuple[World, tor
                 f"{str(e).strip()[:300]}. Fix: start every rank (torchrun --nnodes/--nproc-per-node), with the same "
                 "MASTER_ADDR and MASTER_PORT reachable from all of them.") from e
         atexit.register(_leave_group)
-        rank = dist.get_rank()
+        return World(dist.get_rank(), size, dist.group.WORLD, device, owned=True), device
     return World(rank, size, dist.group.WORLD, device), device
 
 
 def _leave_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave_group(world: World) -> None:
+    """End the process group that :func:`join_group` started, once every rank is done: before the interpreter
+    shuts down, where gloo's threads could still abort a rank that has finished ("terminate called without an
+    active exception"). A group the caller started is left to the caller."""
+    if world.owned:
+        world.barrier("to finish")
+        _leave_group()
 

@@ -28,7 +28,7 @@ from ..models import resnet18
 from ._batches import batches, epoch_generator, num_batches
 from ._config import EXECUTION_KEYS, TrainConfig
 from ._datasets import ImageDataset, load_dataset
-from ._group import World, join_group, resolve_device
+from ._group import World, join_group, leave_group, resolve_device
 from ._probe import probe
 from ._rundir import FORMAT, RunDir, deferred_interrupts, load_checkpoint, save_checkpoint, save_torch, write_json
 from ._schedule import lr_factor
@@ -207,7 +207,9 @@ def train(config: TrainConfig, *, run_dir: str | None = None, progress: Callable
         progress = log = None
     run = RunDir(run_dir) if run_dir is not None else None
     if run is None:
-        return _train(config, None, progress, log, world, device)
+        summary = _train(config, None, progress, log, world, device)
+        leave_group(world)
+        return summary
     problem = None
     if world.main:  # rank 0 alone writes (and locks) the run directory
         try:
@@ -216,9 +218,11 @@ def train(config: TrainConfig, *, run_dir: str | None = None, progress: Callable
             problem = e
     world.agree(problem, "to open the run directory")
     try:
-        return _train(config, run, progress, log, world, device)
+        summary = _train(config, run, progress, log, world, device)
     finally:
         run.release()
+    leave_group(world)
+    return summary
 
 
 def _train(config: TrainConfig, run: RunDir | None, progress: Callable | None,
