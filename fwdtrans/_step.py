@@ -126,8 +126,10 @@ def check_step(model: Stepped, inputs: tuple, y: Tensor, allow_eval: bool) -> No
             "training, or allow_eval=True to train in eval mode on purpose."
         )
     for j, block in enumerate(model.blocks):
+        if not isinstance(block, ModalBlock):  # one graph serves both modes
+            continue
         mixed = next((n for n, m in block.named_modules() if m.training != block.training), None)
-        if isinstance(block, ModalBlock) and mixed is not None:
+        if mixed is not None:
             raise FwdTransError(
                 f"block {j} is in {'train' if block.training else 'eval'} mode but its module '{mixed}' is not: "
                 "the block traces layers whose arguments depend on the mode (F.batch_norm(..., model.training)), "

@@ -190,24 +190,12 @@ class RunDir:
 
     def read_config(self) -> dict | None:
         """The recorded ``config.json``, or ``None`` for a new run."""
-        if not self.config.is_file():
-            return None
-        try:
-            return json.loads(self.config.read_text())
-        except (OSError, ValueError) as e:
-            raise FwdTransError(f"{self.config} cannot be read ({e}). Fix: restore it, or start the run in a new "
-                                "--run-dir.") from None
+        return _read_json(self.config, "restore it, or start the run in a new --run-dir")
 
     def read_summary(self) -> dict | None:
         """The recorded ``summary.json`` (a finished run), or ``None``."""
-        if not self.summary.is_file():
-            return None
-        try:
-            return json.loads(self.summary.read_text())
-        except (OSError, ValueError) as e:
-            raise FwdTransError(f"{self.summary} cannot be read ({e}). Fix: delete it; the same command then "
-                                f"rewrites it from {self.checkpoint.name} (or, without one, start the run in a new "
-                                "--run-dir).") from None
+        return _read_json(self.summary, f"delete it; the same command then rewrites it from {self.checkpoint.name} "
+                          "(or, without one, start the run in a new --run-dir)")
 
     def leftovers(self) -> list[str]:
         """The files of trained epochs in a folder without ``checkpoint.pt`` (which the run cannot resume)."""
@@ -238,3 +226,13 @@ class RunDir:
             except ValueError:
                 break
         return records
+
+
+def _read_json(path: Path, fix: str) -> dict | None:
+    """The JSON file ``path``, ``None`` when it does not exist; one clear error when it cannot be read."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise FwdTransError(f"{path} cannot be read ({e}). Fix: {fix}.") from None
